@@ -1,0 +1,53 @@
+# rnnlab — every target installs what it needs first, so each works on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# The pipeline's stages call `python -m pipeline...`: put the venv first so DVC and Hydra find it.
+export PATH := $(BIN):$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+# No telemetry from MLflow or DVC.
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-full lint format ui clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv and install rnnlab with its pinned dependencies
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 12) else \
+		"rnnlab needs Python 3.11 or 3.12 (TensorFlow 2.21); found " + sys.version.split()[0] + \
+		": run make with PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: setup ## the main job: the default DVC pipeline (prepare data, train, track in MLflow)
+	dvc repro
+
+test: setup ## the fast test suite (a few minutes)
+	pytest -m "not slow"
+
+test-full: setup ## every test, slow ones included
+	pytest
+
+lint: setup ## ruff lint and format check
+	ruff check .
+	ruff format --check .
+
+format: setup ## apply ruff's fixes and formatting
+	ruff check --fix .
+	ruff format .
+
+ui: setup ## the MLflow dashboard on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## remove generated data, models, runs and the MLflow store (keeps .venv)
+	rm -rf data/prepared models outputs multirun mlflow.db mlartifacts .dvc/cache .dvc/tmp

@@ -1,0 +1,96 @@
+"""Prepared datasets on disk: one folder per dataset with ``<split>.npz``, ``meta.json`` and ``stats.json``.
+
+The prepare stage writes them; training only reads them, so the two meet at this module alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class DataError(RuntimeError):
+    """Prepared data is missing or unreadable; the message says which command makes it."""
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset: arrays per split, what the model needs to know (``meta``) and a content digest."""
+
+    meta: dict[str, Any]
+    splits: dict[str, dict[str, np.ndarray]]
+    digest: str
+
+
+def prepared_dir(data_root: str | Path, name: str) -> Path:
+    return Path(data_root) / "prepared" / name
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save(out_dir: Path, splits: dict[str, dict[str, np.ndarray]], meta: dict[str, Any], stats: dict) -> None:
+    """Write every split, then ``meta.json`` and ``stats.json``."""
+    for name, arrays in splits.items():
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(out_dir / f"{name}.npz", buf.getvalue())
+    write_json(out_dir / "meta.json", meta)
+    write_json(out_dir / "stats.json", stats)
+
+
+def digest_files(paths: list[Path]) -> str:
+    """sha256 over file names and contents: the data version recorded with every run."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load(data_root: str | Path, name: str) -> Prepared:
+    """Load a prepared dataset, or say which command prepares it."""
+    folder = prepared_dir(data_root, name)
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        raise DataError(
+            f"no prepared data for {name!r} at {folder}. Prepare it first: "
+            f"`python -m pipeline.prepare data={name}` (or `dvc repro prepare_{name}`)."
+        )
+    meta = json.loads(meta_path.read_text())
+    files = sorted(folder.glob("*.npz"))
+    splits = {}
+    for f in files:
+        try:
+            with np.load(f) as npz:
+                splits[f.stem] = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read {f}: {err}. Re-create it: `python -m pipeline.prepare data={name}`.") from err
+    missing = {"train", "val", "test"} - splits.keys()
+    if missing:
+        raise DataError(f"{folder} lacks split(s) {sorted(missing)}; re-run `python -m pipeline.prepare data={name}`.")
+    return Prepared(meta=meta, splits=splits, digest=digest_files([*files, meta_path]))

@@ -1,0 +1,78 @@
+"""The dynamic-length toy task: tell a linear run ``k, k+1, ...`` from uniform random integers.
+
+Each sequence has its own length (``min_len``..``max_len`` steps), so a model must ignore the right padding:
+the task exists to exercise masking, not to be hard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CLASS_NAMES = ("random", "linear")  # label 0, label 1
+SPLITS = ("train", "val", "test")
+
+
+def generate(
+    n: int, min_len: int, max_len: int, max_value: int, pad_value: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Return ``x`` (n, max_len, 1) float32 right-padded with ``pad_value``, ``y`` (n,) and ``lengths`` (n,).
+
+    Exactly half the sequences (rounded down) are linear; the order is shuffled.
+    """
+    lengths = rng.integers(min_len, max_len + 1, size=n)
+    y = np.zeros(n, dtype=np.int32)
+    y[: n // 2] = 1
+    rng.shuffle(y)
+    x = np.full((n, max_len, 1), pad_value, dtype=np.float32)
+    for i, (length, label) in enumerate(zip(lengths, y, strict=True)):
+        if label == 1:
+            start = rng.integers(0, max_value - length + 1)
+            values = np.arange(start, start + length)
+        else:
+            values = rng.integers(0, max_value, size=length)
+        x[i, :length, 0] = values / max_value
+    return {"x": x, "y": y, "lengths": lengths.astype(np.int32)}
+
+
+def build(cfg: Any) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Generate all splits from ``cfg`` (conf/data/toy.yaml); each split has its own seeded stream."""
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    splits = {
+        name: generate(
+            sizes[name],
+            cfg.min_len,
+            cfg.max_len,
+            cfg.max_value,
+            cfg.pad_value,
+            np.random.default_rng([cfg.seed, index]),
+        )
+        for index, name in enumerate(SPLITS)
+    }
+    meta = {
+        "name": "toy",
+        "kind": "classification",
+        "input": "dense",  # real-valued steps, masked by pad_value
+        "steps": cfg.max_len,
+        "features": 1,
+        "pad_value": cfg.pad_value,
+        "num_classes": len(CLASS_NAMES),
+        "class_names": list(CLASS_NAMES),
+    }
+    return splits, meta
+
+
+def stats(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Counts, class balance and length range per split: what `dvc metrics show` prints."""
+    out: dict[str, Any] = {}
+    for name, s in splits.items():
+        lengths = s["lengths"]
+        out[name] = {
+            "n": int(len(s["y"])),
+            "linear_fraction": round(float(np.mean(s["y"])), 4),
+            "min_len": int(lengths.min()),
+            "max_len": int(lengths.max()),
+            "mean_len": round(float(lengths.mean()), 3),
+        }
+    return out

@@ -1,0 +1,95 @@
+"""Model and optimizer factories: a Keras model from ``cfg.model`` plus what the prepared data says about inputs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from pipeline.config import CELLS, OPTIMIZERS
+
+RECURRENT_LAYERS: dict[str, type] = {
+    "rnn": keras.layers.SimpleRNN,
+    "lstm": keras.layers.LSTM,
+    "gru": keras.layers.GRU,
+}
+assert tuple(RECURRENT_LAYERS) == CELLS
+
+
+def recurrent_layer(cfg: Any, return_sequences: bool, name: str) -> keras.layers.Layer:
+    """One recurrent layer of ``cfg.cell``, bidirectional if asked."""
+    if cfg.cell not in RECURRENT_LAYERS:
+        raise ValueError(f"unknown cell type {cfg.cell!r}; valid cell types: {', '.join(CELLS)}")
+    layer = RECURRENT_LAYERS[cfg.cell](
+        cfg.units,
+        return_sequences=return_sequences,
+        recurrent_dropout=cfg.recurrent_dropout,
+        name=name,
+    )
+    if cfg.bidirectional:
+        layer = keras.layers.Bidirectional(layer, name=f"bi_{name}")
+    return layer
+
+
+def input_block(cfg: Any, meta: dict[str, Any]) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """Inputs and their masked representation: embedded tokens (id 0 = padding) or real-valued steps.
+
+    The time axis is left open (None), so one model reads sequences padded to any length.
+    """
+    if meta["input"] == "tokens":
+        if not cfg.embedding_dim:
+            raise ValueError(f"dataset {meta['name']!r} has token inputs: set model.embedding_dim (e.g. 100)")
+        inputs = keras.Input(shape=(None,), dtype="int32", name="tokens")
+        # Embed each token id in an embedding_dim vector; id 0 is padding and is masked from here on.
+        x = keras.layers.Embedding(meta["vocab_size"], cfg.embedding_dim, mask_zero=True, name="embedding")(inputs)
+        return inputs, x
+    inputs = keras.Input(shape=(None, meta["features"]), dtype="float32", name="steps")
+    if meta.get("pad_value") is None:
+        return inputs, inputs
+    # Steps whose every feature equals pad_value are padding: the recurrent layers skip them.
+    return inputs, keras.layers.Masking(mask_value=meta["pad_value"], name="mask")(inputs)
+
+
+def build_classifier(cfg: Any, meta: dict[str, Any]) -> keras.Model:
+    """Inputs -> ``layers`` stacked recurrent layers (each followed by dropout) -> softmax over the classes.
+
+    The last recurrent layer returns its final *unpadded* state, so extra padding changes nothing.
+    """
+    inputs, x = input_block(cfg, meta)
+    for i in range(cfg.layers):
+        x = recurrent_layer(cfg, return_sequences=i < cfg.layers - 1, name=f"{cfg.cell}_{i + 1}")(x)
+        if cfg.dropout:
+            x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}")(x)
+    outputs = keras.layers.Dense(meta["num_classes"], activation="softmax", name="classes")(x)
+    name = f"{'bi' if cfg.bidirectional else ''}{cfg.cell}_{meta['name']}"
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_model(cfg: Any, meta: dict[str, Any]) -> keras.Model:
+    """The model for a prepared dataset's task."""
+    if meta["kind"] == "classification":
+        return build_classifier(cfg, meta)
+    raise ValueError(f"no model head for task kind {meta['kind']!r}")
+
+
+def build_optimizer(cfg: Any) -> keras.optimizers.Optimizer:
+    """An optimizer from ``cfg.optimizer``; gradients are clipped by their global norm when asked."""
+    common = {"learning_rate": cfg.learning_rate, "global_clipnorm": cfg.clip_global_norm}
+    if cfg.name == "sgd":
+        return keras.optimizers.SGD(momentum=cfg.momentum, **common)
+    if cfg.name == "adam":
+        return keras.optimizers.Adam(beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon, **common)
+    if cfg.name == "rmsprop":
+        return keras.optimizers.RMSprop(rho=cfg.rho, momentum=cfg.momentum, epsilon=cfg.epsilon, **common)
+    raise ValueError(f"unknown optimizer {cfg.name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+
+
+def lr_schedule(cfg: Any) -> Callable[[int], float]:
+    """Epoch -> learning rate: held for ``lr_decay_start`` epochs, then multiplied by ``lr_decay`` each epoch."""
+
+    def schedule(epoch: int, _lr: float | None = None) -> float:
+        return cfg.learning_rate * math.pow(cfg.lr_decay, max(0, epoch + 1 - cfg.lr_decay_start))
+
+    return schedule

@@ -1,0 +1,70 @@
+"""The real pipeline through real `dvc repro`, in a temporary copy of this checkout."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def sh(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("RNNLAB_ROOT", None)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """The checkout's files (tracked and not ignored) in a fresh git repo, with the smoke training budget."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    dest = tmp_path / "repo"
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    shutil.rmtree(dest / "data", ignore_errors=True)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    dvc_yaml = dest / "dvc.yaml"
+    text = dvc_yaml.read_text()
+    assert "python -m pipeline.train +experiment=toy_dynamic\n" in text
+    dvc_yaml.write_text(text.replace("+experiment=toy_dynamic\n", "+experiment=toy_dynamic trainer=smoke\n"))
+    sh("git", "init", "-q", cwd=dest)
+    return dest
+
+
+def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(repo_copy):
+    first = sh(str(BIN / "dvc"), "repro", cwd=repo_copy)
+    assert "Running stage 'prepare_toy'" in first and "Running stage 'train_toy'" in first
+    stats = json.loads((repo_copy / "data/prepared/toy/stats.json").read_text())
+    assert (stats["train"]["n"], stats["val"]["n"], stats["test"]["n"]) == (1000, 200, 500)
+    metrics = json.loads((repo_copy / "reports/metrics/toy.json").read_text())
+    assert metrics["epochs"] == 2 and 0 <= metrics["test/accuracy"] <= 1
+    assert (repo_copy / "mlflow.db").exists() and (repo_copy / "models/toy.keras").exists()
+
+    second = sh(str(BIN / "dvc"), "repro", cwd=repo_copy)
+    assert "Data and pipelines are up to date." in second
+    assert "Running stage" not in second
+
+    shown = sh(str(BIN / "dvc"), "metrics", "show", cwd=repo_copy)
+    assert "test/accuracy" in shown and "linear_fraction" in shown
+
+    # A model config change re-runs training only: prepare's deps did not change.
+    lstm = repo_copy / "conf/model/lstm.yaml"
+    lstm.write_text(lstm.read_text().replace("units: 64 ", "units: 32 "))
+    third = sh(str(BIN / "dvc"), "repro", cwd=repo_copy)
+    assert "Running stage 'train_toy'" in third and "Running stage 'prepare_toy'" not in third

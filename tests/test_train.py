@@ -1,0 +1,104 @@
+"""A real (tiny) training run into a temporary sqlite MLflow store, checked through MLflow's own API."""
+
+import json
+import os
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import prepare, train
+
+SMALL_DATA = ("data.n_train=128", "data.n_val=32", "data.n_test=64")
+
+
+@pytest.fixture
+def smoke(make_cfg):
+    """Prepare a small toy dataset, then return a function that trains with the smoke budget."""
+    prepare.run(make_cfg(*SMALL_DATA))
+
+    def run(*overrides):
+        return train.run(make_cfg(*SMALL_DATA, "trainer=smoke", *overrides))
+
+    return run
+
+
+def test_smoke_run_is_tracked_completely(smoke, tmp_path):
+    result = smoke("model=gru", "tracking.run_name=smoke-gru")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke-gru"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "rnnlab-toy"
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()  # never under the cwd
+
+    params = run.data.params
+    assert params["model.cell"] == "gru" and params["model.units"] == "64"
+    assert params["optimizer.name"] == "adam" and params["trainer.epochs"] == "2"
+    assert params["data.n_train"] == "128" and params["seed"] == "42"
+
+    tags = run.data.tags
+    assert tags["dataset"] == "toy" and tags["cell"] == "gru" and tags["seed"] == "42"
+    assert len(tags["data_digest"]) == 64 and tags["git_commit"]
+
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "perf/samples_per_sec"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 1], key
+        assert all(np.isfinite(m.value) for m in history)
+    assert 0.0 <= run.data.metrics["test/accuracy"] <= 1.0
+    assert run.data.metrics["test/loss"] > 0
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    logged_config = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
+    assert "cell: gru" in logged_config
+
+    # The logged model reloads and predicts exactly what the trained one does.
+    x = np.load(tmp_path / "data/prepared/toy/test.npz")["x"][:16]
+    loaded = mlflow.keras.load_model(result["model_uri"])
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), result["model"].predict(x, verbose=0), atol=1e-6)
+    signature = mlflow.models.get_model_info(result["model_uri"]).signature
+    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 20, 1)
+
+    report = json.loads((tmp_path / "reports/metrics/toy.json").read_text())
+    assert report["test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
+    assert report["epochs"] == 2
+    assert (tmp_path / "models/toy.keras").exists()
+
+
+def test_same_seed_same_numbers(smoke):
+    first = smoke("tracking.enabled=false")["metrics"]
+    second = smoke("tracking.enabled=false")["metrics"]
+    assert first == second
+    other = smoke("tracking.enabled=false", "seed=7")["metrics"]
+    assert other["train/loss"] != first["train/loss"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(smoke, tmp_path):
+    # Corrupt one training value: the loss turns NaN on the first batch that holds it.
+    path = tmp_path / "data/prepared/toy/train.npz"
+    arrays = dict(np.load(path))
+    arrays["x"][5, 0, 0] = np.nan
+    np.savez(path, **arrays)
+    with pytest.raises(train.TrainingError, match=r"loss became nan at epoch 1, batch \d+: .*check the data for NaNs"):
+        smoke()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rnnlab-toy").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_tracking_uri_does_not_depend_on_the_working_directory(smoke, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    smoke("tracking.log_model=false")
+    assert (tmp_path / "mlflow.db").exists()
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.slow
+def test_default_toy_lstm_reaches_the_seed_accuracy(make_cfg):
+    prepare.run(make_cfg())
+    result = train.run(make_cfg("+experiment=toy_dynamic", "tracking.log_model=false"))
+    assert result["metrics"]["test/accuracy"] >= 0.95
