@@ -8,6 +8,12 @@ STAMP := $(VENV)/.installed
 # The pipeline's stages call `python -m pipeline...`: put the venv first so DVC and Hydra find it.
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+# Offline machines: use the verified dataset mirror beside the checkout when there is one and none is set.
+ifeq ($(origin RNNLAB_DATA_MIRROR),undefined)
+ifneq ($(wildcard $(CURDIR)/../shared/datasets/MANIFEST.md),)
+export RNNLAB_DATA_MIRROR := $(abspath $(CURDIR)/../shared/datasets)
+endif
+endif
 # No telemetry from MLflow or DVC.
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1

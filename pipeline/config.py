@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CELLS = ("rnn", "lstm", "gru")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-DATASETS = ("toy",)
+TRUNCATE = ("pre", "post")
 
 
 class ConfigError(ValueError):
@@ -36,8 +36,15 @@ class PathsConfig:
 
 
 @dataclass
+class DownloadConfig:
+    mirror: str | None = None
+    timeout: float = 30.0
+
+
+@dataclass
 class ToyDataConfig:
     name: str = "toy"
+    source: str = "toy"
     kind: str = "classification"
     min_len: int = 3
     max_len: int = 20
@@ -46,6 +53,36 @@ class ToyDataConfig:
     n_val: int = 200
     n_test: int = 500
     pad_value: float = -1.0
+    seed: int = 1234
+
+
+@dataclass
+class PTBDataConfig:
+    name: str = "ptb"
+    source: str = "ptb"
+    kind: str = "language_model"
+    vocab_size: int = 10_000
+
+
+@dataclass
+class IMDBDataConfig:
+    name: str = "imdb"
+    source: str = "imdb"
+    kind: str = "classification"
+    vocab_size: int = 10_000
+    max_len: int = 80
+    truncate: str = "pre"
+    standardize: str = "lower_and_strip_punctuation"
+    val_size: int = 2_500
+    seed: int = 1234
+
+
+@dataclass
+class MNISTDataConfig:
+    name: str = "mnist"
+    source: str = "mnist"
+    kind: str = "classification"
+    val_size: int = 5_000
     seed: int = 1234
 
 
@@ -99,6 +136,7 @@ class TrackingConfig:
 @dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     data: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -107,7 +145,13 @@ class Config:
     seed: int = 42
 
 
-DATA_SCHEMAS: dict[str, type] = {"toy": ToyDataConfig}
+# data.source -> its schema. data.name may differ (a variant such as imdb_long gets its own prepared folder).
+DATA_SCHEMAS: dict[str, type] = {
+    "toy": ToyDataConfig,
+    "ptb": PTBDataConfig,
+    "imdb": IMDBDataConfig,
+    "mnist": MNISTDataConfig,
+}
 
 
 def register() -> None:
@@ -127,11 +171,11 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Fail early, naming the key, on values the schema types cannot rule out."""
-    data_name = cfg.data.get("name")
-    _check(data_name in DATA_SCHEMAS, "data.name", f"unknown dataset {data_name!r}; choose one of {DATASETS}")
+    source = cfg.data.get("source")
+    _check(source in DATA_SCHEMAS, "data.source", f"unknown dataset {source!r}; choose one of {tuple(DATA_SCHEMAS)}")
     # Re-check the whole tree against the schema: `+key=value` overrides and Hydra's open data node skip it.
     schema = OmegaConf.structured(Config)
-    schema.data = OmegaConf.structured(DATA_SCHEMAS[data_name])
+    schema.data = OmegaConf.structured(DATA_SCHEMAS[source])
     try:
         OmegaConf.merge(schema, OmegaConf.to_container(cfg, resolve=True))
     except Exception as err:  # omegaconf raises several error types, each naming the full key
@@ -157,8 +201,15 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(0 < o.lr_decay <= 1, "optimizer.lr_decay", f"must be in (0, 1], got {o.lr_decay}")
     _check(t.epochs >= 1, "trainer.epochs", f"must be at least 1, got {t.epochs}")
     _check(t.batch_size >= 1, "trainer.batch_size", f"must be at least 1, got {t.batch_size}")
-    if data_name == "toy":
-        d = cfg.data
+    d = cfg.data
+    if source in ("imdb", "mnist"):
+        _check(d.val_size >= 1, "data.val_size", f"must be at least 1, got {d.val_size}")
+    if source in ("imdb", "ptb"):
+        _check(d.vocab_size >= 3, "data.vocab_size", f"must be at least 3, got {d.vocab_size}")
+    if source == "imdb":
+        _check(d.max_len >= 1, "data.max_len", f"must be at least 1, got {d.max_len}")
+        _check(d.truncate in TRUNCATE, "data.truncate", f"must be 'pre' (keep the end) or 'post', got {d.truncate!r}")
+    if source == "toy":
         _check(1 <= d.min_len <= d.max_len, "data.min_len", "need 1 <= data.min_len <= data.max_len")
         _check(d.max_value > d.max_len, "data.max_value", "must exceed data.max_len so that a linear run fits")
         _check(d.pad_value < 0, "data.pad_value", "must be negative: generated values are >= 0")

@@ -1,6 +1,7 @@
-"""Prepare stage: turn a dataset into arrays under ``data/prepared/<name>/``.
+"""Prepare stage: turn a dataset's raw files into arrays under ``data/prepared/<name>/``.
 
-python -m pipeline.prepare data=toy
+python -m pipeline.prepare data=toy     # generated, no download
+python -m pipeline.prepare data=mnist   # reads data/raw/mnist (the download stage's output)
 """
 
 from __future__ import annotations
@@ -13,27 +14,31 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline import config, data
-from pipeline.data import toy
+from pipeline.data import imdb, mnist, ptb, toy
+from pipeline.download import raw_dir
 
 log = logging.getLogger(__name__)
 
 config.register()
 
-BUILDERS = {"toy": (toy.build, toy.stats)}
+BUILDERS = {"toy": toy.build, "ptb": ptb.build, "imdb": imdb.build, "mnist": mnist.build}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build the dataset named by ``cfg.data.name`` and write it; return its stats."""
+    """Build the dataset ``cfg.data`` describes and write it; return its stats."""
     config.validate(cfg)
-    name = cfg.data.name
-    build, describe = BUILDERS[name]
     started = time.perf_counter()
-    splits, meta = build(cfg.data)
-    stats = describe(splits)
-    out_dir = data.prepared_dir(cfg.paths.data, name)
-    data.save(out_dir, splits, meta, stats)
-    log.info("prepared %s in %.1f s -> %s: %s", name, time.perf_counter() - started, out_dir, stats)
-    return stats
+    raw = raw_dir(cfg)
+    if cfg.data.source != "toy" and not raw.exists():
+        raise data.DataError(
+            f"no raw files at {raw}. Download them first: `python -m pipeline.download data={cfg.data.name}` "
+            f"(or `dvc repro download_{cfg.data.source}`)."
+        )
+    dataset = BUILDERS[cfg.data.source](cfg.data, raw)
+    out_dir = data.prepared_dir(cfg.paths.data, cfg.data.name)
+    data.save(out_dir, dataset)
+    log.info("prepared %s in %.1f s -> %s: %s", cfg.data.name, time.perf_counter() - started, out_dir, dataset.stats)
+    return dataset.stats
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -36,3 +36,12 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config([f"paths.root={tmp_path}", "trainer.verbose=0", *overrides])
 
     return make
+
+
+def mirror_path() -> Path | None:
+    """The verified dataset mirror beside the checkout (../shared/datasets), or $RNNLAB_DATA_MIRROR."""
+    candidate = Path(os.environ.get("RNNLAB_DATA_MIRROR") or REPO.parent / "shared" / "datasets")
+    return candidate if (candidate / "MANIFEST.md").exists() else None
+
+
+needs_mirror = pytest.mark.skipif(mirror_path() is None, reason="no dataset mirror at ../shared/datasets")

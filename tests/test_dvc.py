@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, mirror_path, needs_mirror
 
 BIN = Path(sys.executable).parent
 
 
-def sh(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+def sh(*args: str, cwd: Path, **extra_env: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **extra_env}
     env.pop("RNNLAB_ROOT", None)
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
@@ -48,7 +48,7 @@ def repo_copy(tmp_path: Path) -> Path:
 
 
 def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(repo_copy):
-    first = sh(str(BIN / "dvc"), "repro", cwd=repo_copy)
+    first = sh(str(BIN / "dvc"), "repro", "train_toy", cwd=repo_copy)
     assert "Running stage 'prepare_toy'" in first and "Running stage 'train_toy'" in first
     stats = json.loads((repo_copy / "data/prepared/toy/stats.json").read_text())
     assert (stats["train"]["n"], stats["val"]["n"], stats["test"]["n"]) == (1000, 200, 500)
@@ -56,7 +56,7 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(repo_copy):
     assert metrics["epochs"] == 2 and 0 <= metrics["test/accuracy"] <= 1
     assert (repo_copy / "mlflow.db").exists() and (repo_copy / "models/toy.keras").exists()
 
-    second = sh(str(BIN / "dvc"), "repro", cwd=repo_copy)
+    second = sh(str(BIN / "dvc"), "repro", "train_toy", cwd=repo_copy)
     assert "Data and pipelines are up to date." in second
     assert "Running stage" not in second
 
@@ -66,5 +66,16 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(repo_copy):
     # A model config change re-runs training only: prepare's deps did not change.
     lstm = repo_copy / "conf/model/lstm.yaml"
     lstm.write_text(lstm.read_text().replace("units: 64 ", "units: 32 "))
-    third = sh(str(BIN / "dvc"), "repro", cwd=repo_copy)
+    third = sh(str(BIN / "dvc"), "repro", "train_toy", cwd=repo_copy)
     assert "Running stage 'train_toy'" in third and "Running stage 'prepare_toy'" not in third
+
+
+@needs_mirror
+def test_dvc_download_and_prepare_stages_use_the_mirror(repo_copy):
+    mirror = {"RNNLAB_DATA_MIRROR": str(mirror_path())}
+    first = sh(str(BIN / "dvc"), "repro", "prepare_ptb", cwd=repo_copy, **mirror)
+    assert "Running stage 'download_ptb'" in first and "Running stage 'prepare_ptb'" in first
+    stats = json.loads((repo_copy / "data/prepared/ptb/stats.json").read_text())
+    assert stats["train"]["tokens"] == 929_589
+    second = sh(str(BIN / "dvc"), "repro", "prepare_ptb", cwd=repo_copy, **mirror)
+    assert "Data and pipelines are up to date." in second

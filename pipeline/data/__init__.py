@@ -10,7 +10,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,34 @@ class DataError(RuntimeError):
 
 
 @dataclass
-class Prepared:
-    """A prepared dataset: arrays per split, what the model needs to know (``meta``) and a content digest."""
+class Dataset:
+    """A prepared dataset: arrays per split, what the model needs to know (``meta``), summary ``stats``, the
+    vocabulary for token data, and a content ``digest`` (the data version recorded with every run)."""
 
-    meta: dict[str, Any]
     splits: dict[str, dict[str, np.ndarray]]
-    digest: str
+    meta: dict[str, Any]
+    stats: dict[str, Any] = field(default_factory=dict)
+    vocab: list[str] | None = None
+    digest: str = ""
+
+
+def split_off(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held-out): a seeded, class-stratified ``size`` held out, so validation keeps the class
+    balance of the whole; both in ascending order."""
+    n = len(labels)
+    if not 0 < size < n:
+        raise ValueError(f"a validation split of {size} out of {n} examples is impossible: choose 0 < size < {n}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / n
+    take = np.floor(quota).astype(int)
+    # Hand the rounding remainder to the classes with the largest fractional parts: exactly ``size`` held out.
+    take[np.argsort(-(quota - take), kind="stable")[: size - take.sum()]] += 1
+    held = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
+    )
+    rest = np.setdiff1d(np.arange(n), held)
+    return rest, np.sort(held)
 
 
 def prepared_dir(data_root: str | Path, name: str) -> Path:
@@ -51,14 +73,16 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def save(out_dir: Path, splits: dict[str, dict[str, np.ndarray]], meta: dict[str, Any], stats: dict) -> None:
-    """Write every split, then ``meta.json`` and ``stats.json``."""
-    for name, arrays in splits.items():
+def save(out_dir: Path, dataset: Dataset) -> None:
+    """Write every split, the vocabulary if any, then ``meta.json`` and ``stats.json``."""
+    for name, arrays in dataset.splits.items():
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(out_dir / f"{name}.npz", buf.getvalue())
-    write_json(out_dir / "meta.json", meta)
-    write_json(out_dir / "stats.json", stats)
+    if dataset.vocab is not None:
+        atomic_write_bytes(out_dir / "vocab.txt", ("\n".join(dataset.vocab) + "\n").encode())
+    write_json(out_dir / "meta.json", dataset.meta)
+    write_json(out_dir / "stats.json", dataset.stats)
 
 
 def digest_files(paths: list[Path]) -> str:
@@ -72,7 +96,7 @@ def digest_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load(data_root: str | Path, name: str) -> Prepared:
+def load(data_root: str | Path, name: str) -> Dataset:
     """Load a prepared dataset, or say which command prepares it."""
     folder = prepared_dir(data_root, name)
     meta_path = folder / "meta.json"
@@ -93,4 +117,7 @@ def load(data_root: str | Path, name: str) -> Prepared:
     missing = {"train", "val", "test"} - splits.keys()
     if missing:
         raise DataError(f"{folder} lacks split(s) {sorted(missing)}; re-run `python -m pipeline.prepare data={name}`.")
-    return Prepared(meta=meta, splits=splits, digest=digest_files([*files, meta_path]))
+    vocab_path = folder / "vocab.txt"
+    vocab = vocab_path.read_text().splitlines() if vocab_path.exists() else None
+    digest_inputs = [*files, meta_path, *([vocab_path] if vocab is not None else [])]
+    return Dataset(splits=splits, meta=meta, vocab=vocab, digest=digest_files(digest_inputs))

@@ -6,9 +6,12 @@ the task exists to exercise masking, not to be hard.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.data import Dataset
 
 CLASS_NAMES = ("random", "linear")  # label 0, label 1
 SPLITS = ("train", "val", "test")
@@ -36,8 +39,8 @@ def generate(
     return {"x": x, "y": y, "lengths": lengths.astype(np.int32)}
 
 
-def build(cfg: Any) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """Generate all splits from ``cfg`` (conf/data/toy.yaml); each split has its own seeded stream."""
+def build(cfg: Any, raw: Path | None = None) -> Dataset:
+    """Generate all splits from ``cfg`` (conf/data/toy.yaml); each split has its own seeded stream. No raw files."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     splits = {
         name: generate(
@@ -51,7 +54,7 @@ def build(cfg: Any) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
         for index, name in enumerate(SPLITS)
     }
     meta = {
-        "name": "toy",
+        "name": cfg.name,
         "kind": "classification",
         "input": "dense",  # real-valued steps, masked by pad_value
         "steps": cfg.max_len,
@@ -60,7 +63,7 @@ def build(cfg: Any) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
         "num_classes": len(CLASS_NAMES),
         "class_names": list(CLASS_NAMES),
     }
-    return splits, meta
+    return Dataset(splits=splits, meta=meta, stats=stats(splits))
 
 
 def stats(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:

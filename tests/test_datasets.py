@@ -1,0 +1,217 @@
+"""Parsers on tiny hand-made files with hand-computed answers, then the real datasets from the mirror."""
+
+import gzip
+import json
+import shutil
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline import data, download, prepare
+from pipeline.data import imdb, mnist, ptb
+from pipeline.data.fetch import DownloadError
+from tests.conftest import mirror_path, needs_mirror
+from tests.test_fetch import make_tar
+
+
+# --- MNIST's IDX format ---------------------------------------------------------------------------------------
+def write_idx(path, magic, dims, payload: bytes):
+    with gzip.open(path, "wb") as fh:
+        fh.write(struct.pack(f">i{len(dims)}i", magic, *dims) + payload)
+    return path
+
+
+def test_idx_images_and_labels(tmp_path):
+    images = mnist.read_idx(write_idx(tmp_path / "i.gz", 2051, (2, 2, 3), bytes(range(12))))
+    np.testing.assert_array_equal(images, [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]])
+    assert images.dtype == np.uint8
+    labels = mnist.read_idx(write_idx(tmp_path / "l.gz", 2049, (2,), bytes([7, 3])))
+    np.testing.assert_array_equal(labels, [7, 3])
+
+
+def test_idx_rejects_a_wrong_magic_number_and_a_short_payload(tmp_path):
+    with pytest.raises(mnist.IDXError, match="magic number 2052"):
+        mnist.read_idx(write_idx(tmp_path / "bad.gz", 2052, (2,), bytes(2)))
+    with pytest.raises(mnist.IDXError, match=r"header promises \(2, 2, 3\) = 12 bytes, found 11"):
+        mnist.read_idx(write_idx(tmp_path / "short.gz", 2051, (2, 2, 3), bytes(11)))
+
+
+def test_stratified_validation_split_is_exact_and_seeded():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    rest, held = data.split_off(labels, 10, seed=3)
+    assert len(held) == 10 and len(rest) == 90 and not set(rest) & set(held)
+    assert np.bincount(labels[held]).tolist() == [6, 3, 1]
+    np.testing.assert_array_equal(held, data.split_off(labels, 10, seed=3)[1])
+    with pytest.raises(ValueError, match="impossible"):
+        data.split_off(labels, 100, seed=0)
+
+
+# --- PTB -----------------------------------------------------------------------------------------------------
+def test_ptb_words_vocab_and_ids(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("a b c\nb c\n")
+    words = ptb.read_words(text)
+    assert words == ["a", "b", "c", "<eos>", "b", "c", "<eos>"]
+    vocab = ptb.build_vocab(words, 10)  # by count, ties alphabetical ('<' sorts first); <unk> always present
+    assert vocab == ["<eos>", "b", "c", "a", "<unk>"]
+    assert ptb.encode(words, vocab).tolist() == [3, 1, 2, 0, 1, 2, 0]
+    small = ptb.build_vocab(words, 4)  # 'a' is dropped to keep a slot for <unk>
+    assert small == ["<eos>", "b", "c", "<unk>"]
+    assert ptb.encode(["a", "b", "zzz"], small).tolist() == [3, 1, 3]
+
+
+# --- IMDB ----------------------------------------------------------------------------------------------------
+REVIEWS = {
+    "aclImdb/train/pos/0_9.txt": b"Great movie.<br />Great fun!",
+    "aclImdb/train/pos/1_8.txt": b"A great, great film",
+    "aclImdb/train/pos/2_7.txt": b"great GREAT",
+    "aclImdb/train/neg/0_2.txt": b"Bad movie",
+    "aclImdb/train/neg/1_1.txt": b"bad BAD acting",
+    "aclImdb/train/neg/2_1.txt": b"bad",
+    "aclImdb/test/pos/0_10.txt": b"great acting",
+    "aclImdb/test/neg/0_3.txt": b"unseen words, bad",
+    "aclImdb/train/unsup/0_0.txt": b"ignored",
+    "aclImdb/README": b"readme",
+}
+
+
+def test_imdb_tokenise_truncate_and_pad(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    make_tar(raw / imdb.RAW_NAME, REVIEWS)
+    cfg = OmegaConf.create(
+        dict(
+            name="imdb",
+            vocab_size=8,
+            max_len=3,
+            truncate="pre",
+            standardize="lower_and_strip_punctuation",
+            val_size=2,
+            seed=0,
+        )
+    )
+    ds = imdb.build(cfg, raw)
+    vocab = ds.vocab
+    assert vocab[:2] == ["<pad>", "[UNK]"] and len(vocab) <= 8 and all(type(w) is str for w in vocab)
+    assert vocab[2] == "great"  # at least 4 times in the two training reviews left of each class
+    assert "br" not in vocab  # <br /> was removed before tokenising
+    ids = {word: i for i, word in enumerate(vocab)}
+    unk = 1
+    # Test split (file-name order: neg before pos). "unseen words, bad": 3 tokens, unseen -> [UNK] (1).
+    test = ds.splits["test"]
+    np.testing.assert_array_equal(test["y"], [0, 1])
+    np.testing.assert_array_equal(test["x"][0], [1, 1, ids["bad"]])
+    np.testing.assert_array_equal(test["x"][1], [ids["great"], ids.get("acting", unk), 0])  # right-padded
+    np.testing.assert_array_equal(test["lengths"], [3, 2])
+    # Validation: one review of each class, held out of train.
+    assert sorted(ds.splits["val"]["y"].tolist()) == [0, 1] and sorted(ds.splits["train"]["y"].tolist()) == [0, 0, 1, 1]
+    assert ds.meta["input"] == "tokens" and ds.meta["vocab_size"] == 8
+
+
+def test_imdb_pad_keeps_the_end_or_the_start():
+    seqs = [np.array([1, 2, 3, 4, 5]), np.array([7])]
+    x, lengths = imdb.pad(seqs, 3, "pre")
+    np.testing.assert_array_equal(x, [[3, 4, 5], [7, 0, 0]])
+    np.testing.assert_array_equal(lengths, [3, 1])
+    x, _ = imdb.pad(seqs, 3, "post")
+    np.testing.assert_array_equal(x, [[1, 2, 3], [7, 0, 0]])
+
+
+def test_imdb_archive_with_other_content_is_rejected(tmp_path):
+    archive = make_tar(tmp_path / "fake.tar.gz", REVIEWS)
+    with pytest.raises(DownloadError, match=f"content digest mismatch: expected {imdb.CONTENT_DIGEST}"):
+        imdb.check_content(archive)
+
+
+def test_prepare_without_download_says_what_to_run(make_cfg):
+    with pytest.raises(data.DataError, match=r"python -m pipeline.download data=mnist"):
+        prepare.run(make_cfg("data=mnist"))
+
+
+# --- The real datasets, from the mirror ----------------------------------------------------------------------
+@pytest.fixture
+def real(make_cfg, monkeypatch):
+    monkeypatch.setenv("RNNLAB_DATA_MIRROR", str(mirror_path()))
+
+    def run(name, *overrides):
+        cfg = make_cfg(f"data={name}", *overrides)
+        download.run(cfg)
+        download.run(cfg)  # a second run keeps the verified files
+        return cfg, prepare.run(cfg)
+
+    return run
+
+
+@needs_mirror
+def test_real_ptb(real, tmp_path):
+    cfg, stats = real("ptb")
+    assert [stats[s]["tokens"] for s in ("train", "val", "test")] == [929_589, 73_760, 82_430]
+    assert stats["vocab_size"] == 10_000
+    ds = data.load(cfg.paths.data, "ptb")
+    words = ds.vocab
+    assert words[ds.splits["train"]["ids"][-1]] == "<eos>"
+    first = " ".join(words[i] for i in ds.splits["test"]["ids"][:5])
+    assert first == "no it was n't black"  # ptb.test.txt begins " no it was n't black monday"
+
+
+@needs_mirror
+def test_real_ptb_from_the_canonical_archive_layout(tmp_path, make_cfg, monkeypatch):
+    """A mirror that has only simple-examples.tgz (as the canonical host serves it) works too."""
+    mirror = tmp_path / "m"
+    (mirror / "ptb").mkdir(parents=True)
+    with tarfile.open(mirror / "ptb" / "simple-examples.tgz", "w:gz") as tar:
+        for name, _ in ptb.FILES.values():
+            tar.add(mirror_path() / "ptb" / name, arcname=f"./simple-examples/data/{name}")
+    out = tmp_path / "raw"
+    ptb.download(out, str(mirror), timeout=5)
+    assert sorted(p.name for p in out.iterdir()) == ["ptb.test.txt", "ptb.train.txt", "ptb.valid.txt"]
+
+
+@needs_mirror
+def test_real_mnist(real):
+    cfg, stats = real("mnist")
+    raw = download.raw_dir(cfg)
+    labels = mnist.read_idx(raw / "train-labels-idx1-ubyte.gz")
+    assert labels[:5].tolist() == [5, 0, 4, 1, 9]
+    assert np.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert mnist.read_idx(raw / "t10k-labels-idx1-ubyte.gz")[:5].tolist() == [7, 2, 1, 0, 4]
+    assert (stats["train"]["n"], stats["val"]["n"], stats["test"]["n"]) == (55_000, 5_000, 10_000)
+    ds = data.load(cfg.paths.data, "mnist")
+    x = ds.splits["train"]["x"]
+    assert x.shape == (55_000, 28, 28) and x.dtype == np.float32 and x.min() == 0.0 and x.max() == 1.0
+    assert ds.meta["steps"] == 28 and ds.meta["features"] == 28
+
+
+@needs_mirror
+def test_real_imdb(real, tmp_path):
+    cfg, stats = real("imdb")
+    assert (stats["train"]["n"], stats["val"]["n"], stats["test"]["n"]) == (22_500, 2_500, 25_000)
+    assert stats["train"]["positive_fraction"] == stats["val"]["positive_fraction"] == 0.5
+    assert stats["test"]["positive_fraction"] == 0.5 and stats["vocab_size"] == 10_000
+    ds = data.load(cfg.paths.data, "imdb")
+    x = ds.splits["train"]["x"]
+    assert x.shape == (22_500, 80) and x.max() < 10_000
+    assert json.loads((data.prepared_dir(cfg.paths.data, "imdb") / "stats.json").read_text()) == stats
+    # A damaged raw archive is detected and replaced on the next download.
+    archive = download.raw_dir(cfg) / imdb.RAW_NAME
+    archive.write_bytes(archive.read_bytes()[:1000])
+    download.run(cfg)
+    imdb.check_content(archive)
+
+
+@needs_mirror
+def test_corrupt_mirror_file_is_reported_and_leaves_nothing(tmp_path, make_cfg, monkeypatch):
+    mirror = tmp_path / "m"
+    shutil.copytree(mirror_path() / "mnist", mirror / "mnist")
+    victim = mirror / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    victim.write_bytes(victim.read_bytes()[:-10])  # truncated copy
+    monkeypatch.setenv("RNNLAB_DATA_MIRROR", str(mirror))
+    cfg = make_cfg("data=mnist", "download.timeout=2")
+    with pytest.raises(DownloadError, match=r"t10k-labels-idx1-ubyte.gz.*expected sha256 f7ae60f9"):
+        download.run(cfg)
+    raw = download.raw_dir(cfg)
+    assert not (raw / victim.name).exists()
+    assert not [p for p in raw.iterdir() if p.name.startswith(".")]  # no temporary leftovers

@@ -1,0 +1,139 @@
+"""Downloads: checksums, truncation, missing mirrors, unsafe archives; each must fail clearly and leave nothing."""
+
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import fetch
+from pipeline.data.fetch import DownloadError, Source
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture
+def payload(tmp_path):
+    data = b"0123456789" * 1000
+    src = tmp_path / "mirror" / "ds" / "file.bin"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(data)
+    return data, src
+
+
+def test_fetch_verifies_then_skips_when_present(payload, tmp_path):
+    data, src = payload
+    dest = tmp_path / "raw" / "file.bin"
+    fetch.fetch(dest, [Source(str(src))], sha256=sha(data))
+    assert dest.read_bytes() == data
+    src.unlink()  # a second call must not need any source
+    fetch.fetch(dest, [Source(str(src))], sha256=sha(data))
+    assert leftovers(dest.parent) == ["file.bin"]
+
+
+def test_checksum_mismatch_names_both_digests_and_the_source_and_leaves_nothing(payload, tmp_path):
+    data, src = payload
+    dest = tmp_path / "raw" / "file.bin"
+    wrong = "0" * 64
+    with pytest.raises(DownloadError) as err:
+        fetch.fetch(dest, [Source(str(src))], sha256=wrong)
+    message = str(err.value)
+    assert f"expected sha256 {wrong}, got {sha(data)}" in message
+    assert str(src) in message and "RNNLAB_DATA_MIRROR" in message
+    assert leftovers(dest.parent) == []
+
+
+def test_a_corrupt_mirror_copy_falls_back_to_the_next_source(payload, tmp_path):
+    data, src = payload
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(data[:-1] + b"X")
+    dest = tmp_path / "raw" / "file.bin"
+    fetch.fetch(dest, [Source(str(bad)), Source(str(src))], sha256=sha(data))
+    assert dest.read_bytes() == data
+
+
+class LyingHandler(http.server.BaseHTTPRequestHandler):
+    """Serves /ok/<anything> whole, and /short/<anything> with half the promised bytes (a dropped connection)."""
+
+    body = b"abcdefghij" * 500
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body if self.path.startswith("/ok/") else self.body[: len(self.body) // 2])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), LyingHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_mirror_and_truncated_transfer(server, tmp_path):
+    body = LyingHandler.body
+    dest = tmp_path / "raw" / "file.bin"
+    source = fetch.mirror_source(f"{server}/ok", "ds", "file.bin")
+    assert str(source) == f"{server}/ok/ds/file.bin"
+    fetch.fetch(dest, [source], sha256=sha(body))
+    assert dest.read_bytes() == body
+
+    short = tmp_path / "raw" / "short.bin"
+    with pytest.raises(DownloadError, match=r"truncated transfer: got 2500 of 5000 bytes"):
+        fetch.fetch(short, [Source(f"{server}/short/ds/file.bin")], sha256=sha(body))
+    assert leftovers(short.parent) == ["file.bin"]
+
+
+def test_unreachable_host_fails_fast_and_names_the_mirror_option(tmp_path):
+    dest = tmp_path / "raw" / "x.bin"
+    with pytest.raises(DownloadError) as err:
+        fetch.fetch(dest, [Source("http://127.0.0.1:9/x.bin")], sha256="0" * 64, timeout=5)
+    assert "http://127.0.0.1:9/x.bin" in str(err.value)
+    assert "RNNLAB_DATA_MIRROR" in str(err.value) and "download.mirror" in str(err.value)
+    assert leftovers(dest.parent) == []
+
+
+def test_missing_mirror_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DownloadError, match=r"the data mirror .*nowhere does not exist.*RNNLAB_DATA_MIRROR"):
+        fetch.mirror_source(str(tmp_path / "nowhere"), "ptb", "ptb.train.txt")
+    assert fetch.mirror_source(None, "ptb", "ptb.train.txt") is None
+
+
+def make_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_archive_with_a_parent_member_is_refused_and_leaves_nothing(tmp_path):
+    archive = make_tar(tmp_path / "evil.tgz", {"data/good.txt": b"fine", "data/../../escape.txt": b"gotcha"})
+    dest = tmp_path / "out"
+    with pytest.raises(DownloadError, match=r"refusing unsafe member 'data/../../escape.txt'"):
+        fetch.safe_extract(archive, dest, keep=lambda name: name)
+    assert leftovers(dest) == [] and not (tmp_path / "escape.txt").exists()
+
+
+def test_safe_extract_selects_and_renames_members(tmp_path):
+    archive = make_tar(tmp_path / "a.tgz", {"./x/data/a.txt": b"A", "./x/data/b.txt": b"B", "./x/other": b"-"})
+    written = fetch.safe_extract(archive, tmp_path / "out", keep=lambda n: Path(n).name if "/data/" in n else None)
+    assert sorted(p.name for p in written) == ["a.txt", "b.txt"]
+    assert (tmp_path / "out" / "a.txt").read_bytes() == b"A"
