@@ -7,6 +7,8 @@ express (a cell name from a fixed set, a positive size) and says how to fix each
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ class PathsConfig:
     data: str = MISSING
     reports: str = MISSING
     models: str = MISSING
+    checkpoints: str = MISSING
 
 
 @dataclass
@@ -95,6 +98,7 @@ class ModelConfig:
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     embedding_dim: int | None = None
+    init_scale: float | None = None
 
 
 @dataclass
@@ -114,13 +118,21 @@ class OptimizerConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 30
+    max_epochs: int | None = None
     batch_size: int = 32
+    bptt_steps: int = 35
     max_steps_per_epoch: int | None = None
+    max_eval_batches: int | None = None
     early_stopping_patience: int | None = None
     deterministic: bool = True
+    jit_compile: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     verbose: int = 2
+    checkpoint: bool = True
+    resume: bool = False
+    resume_run_id: str | None = None
+    generate_words: int = 20
 
 
 @dataclass
@@ -131,6 +143,20 @@ class TrackingConfig:
     experiment: str = MISSING
     run_name: str | None = None
     log_model: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run_id: str | None = None
+    model_uri: str | None = None
+    prime: str = "the company said"
+    words: int = 30
+    strategy: str = "sample"
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
 
 
 @dataclass
@@ -160,8 +186,22 @@ def register() -> None:
         OmegaConf.register_new_resolver("rnnlab.root", lambda: os.environ.get("RNNLAB_ROOT", str(ROOT)))
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="generate_schema", node=GenerateConfig)
     for name, schema in DATA_SCHEMAS.items():
         cs.store(group="data", name=f"{name}_schema", node=schema)
+
+
+RUNTIME_KEYS = ("trainer.resume", "trainer.resume_run_id", "trainer.verbose", "tracking.run_name")
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """sha256 of the resolved config minus the keys that do not change results (verbosity, resume switches): two
+    runs with the same fingerprint train the same model, so one may resume the other."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in RUNTIME_KEYS:
+        section, key = dotted.split(".")
+        resolved.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -200,6 +240,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     )
     _check(0 < o.lr_decay <= 1, "optimizer.lr_decay", f"must be in (0, 1], got {o.lr_decay}")
     _check(t.epochs >= 1, "trainer.epochs", f"must be at least 1, got {t.epochs}")
+    _check(t.max_epochs is None or t.max_epochs >= 1, "trainer.max_epochs", "must be null (no cap) or at least 1")
     _check(t.batch_size >= 1, "trainer.batch_size", f"must be at least 1, got {t.batch_size}")
     d = cfg.data
     if source in ("imdb", "mnist"):

@@ -18,7 +18,15 @@ RECURRENT_LAYERS: dict[str, type] = {
 assert tuple(RECURRENT_LAYERS) == CELLS
 
 
-def recurrent_layer(cfg: Any, return_sequences: bool, name: str) -> keras.layers.Layer:
+def initializers(cfg: Any) -> dict[str, Any]:
+    """Uniform in +-init_scale for every weight (Zaremba et al.), or Keras' defaults when init_scale is null."""
+    if not cfg.get("init_scale"):
+        return {}
+    uniform = keras.initializers.RandomUniform(-cfg.init_scale, cfg.init_scale)
+    return {"kernel_initializer": uniform, "recurrent_initializer": uniform, "bias_initializer": uniform}
+
+
+def recurrent_layer(cfg: Any, return_sequences: bool, name: str, stateful: bool = False) -> keras.layers.Layer:
     """One recurrent layer of ``cfg.cell``, bidirectional if asked."""
     if cfg.cell not in RECURRENT_LAYERS:
         raise ValueError(f"unknown cell type {cfg.cell!r}; valid cell types: {', '.join(CELLS)}")
@@ -26,7 +34,9 @@ def recurrent_layer(cfg: Any, return_sequences: bool, name: str) -> keras.layers
         cfg.units,
         return_sequences=return_sequences,
         recurrent_dropout=cfg.recurrent_dropout,
+        stateful=stateful,
         name=name,
+        **initializers(cfg),
     )
     if cfg.bidirectional:
         layer = keras.layers.Bidirectional(layer, name=f"bi_{name}")
@@ -67,10 +77,68 @@ def build_classifier(cfg: Any, meta: dict[str, Any]) -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_model(cfg: Any, meta: dict[str, Any]) -> keras.Model:
-    """The model for a prepared dataset's task."""
+def build_language_model(cfg: Any, meta: dict[str, Any], batch_size: int | None = None) -> keras.Model:
+    """Embedding -> dropout -> ``layers`` x (recurrent layer -> dropout) -> logits over the vocabulary, every step.
+
+    With ``batch_size`` the recurrent layers are stateful: the state at the end of one window starts the next
+    (truncated back-propagation through time), which needs a fixed batch. Without it the model reads whole
+    sequences of any length and batch from a zero state: the form logged to MLflow and used for generation.
+    """
+    if cfg.bidirectional:
+        raise ValueError(
+            "a language model predicts the next word, so it cannot read ahead: set model.bidirectional=false"
+        )
+    stateful = batch_size is not None
+    inputs = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="tokens")
+    embed_init = initializers(cfg).get("kernel_initializer", "uniform")
+    x = keras.layers.Embedding(
+        meta["vocab_size"], cfg.embedding_dim or cfg.units, embeddings_initializer=embed_init, name="embedding"
+    )(inputs)
+    if cfg.dropout:
+        x = keras.layers.Dropout(cfg.dropout, name="dropout_0")(x)
+    for i in range(cfg.layers):
+        x = recurrent_layer(cfg, return_sequences=True, name=f"{cfg.cell}_{i + 1}", stateful=stateful)(x)
+        if cfg.dropout:
+            x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}")(x)
+    dense_init = initializers(cfg)
+    logits = keras.layers.Dense(
+        meta["vocab_size"],
+        kernel_initializer=dense_init.get("kernel_initializer", "glorot_uniform"),
+        bias_initializer=dense_init.get("bias_initializer", "zeros"),
+        name="logits",
+    )(x)
+    return keras.Model(inputs, logits, name=f"{cfg.cell}_lm_{meta['name']}")
+
+
+def reset_states(model: keras.Model) -> None:
+    """Zero the carried state of every stateful recurrent layer (new epoch, or before evaluating)."""
+    for layer in model.layers:
+        if getattr(layer, "stateful", False):
+            layer.reset_states()
+
+
+@keras.saving.register_keras_serializable("rnnlab")
+class SequenceLoss(keras.losses.Loss):
+    """Cross-entropy summed over the window's time steps and averaged over the batch: the TF tutorial's cost, so
+    that its learning rate (1.0) and clipping norm (5) mean the same here. Per-token loss = this / ``steps``."""
+
+    def __init__(self, steps: int, name: str = "sequence_loss", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.steps = steps
+
+    def call(self, y_true, y_pred):
+        return self.steps * keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "steps": self.steps}
+
+
+def build_model(cfg: Any, meta: dict[str, Any], batch_size: int | None = None) -> keras.Model:
+    """The model for a prepared dataset's task (``batch_size`` makes a language model stateful)."""
     if meta["kind"] == "classification":
         return build_classifier(cfg, meta)
+    if meta["kind"] == "language_model":
+        return build_language_model(cfg, meta, batch_size)
     raise ValueError(f"no model head for task kind {meta['kind']!r}")
 
 

@@ -77,28 +77,6 @@ def keras_to_metric_names(logs: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's metrics, epoch time and throughput to MLflow in one call (one round trip per epoch)."""
-
-    def __init__(self, tracker: Tracker, samples_per_epoch: int):
-        super().__init__()
-        self.tracker = tracker
-        self.samples_per_epoch = samples_per_epoch
-        self.history: list[dict[str, float]] = []
-        self._started = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self._started
-        metrics = keras_to_metric_names(logs or {})
-        metrics["perf/epoch_seconds"] = seconds
-        metrics["perf/samples_per_sec"] = self.samples_per_epoch / max(seconds, 1e-9)
-        self.history.append(metrics)
-        self.tracker.log_metrics(metrics, step=epoch)
-
-
 class Tracker:
     """One MLflow run. ``enabled=False`` keeps the interface and logs nothing (training without a store)."""
 
@@ -121,13 +99,26 @@ class Tracker:
         if self.enabled:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_model(self, model: keras.Model, example: np.ndarray) -> str | None:
-        """Log the Keras model with a signature inferred from ``example``; return its model URI."""
+    def log_text(self, text: str, path: str) -> None:
+        """A text artifact (e.g. generated samples) at ``path`` inside the run."""
+        if self.enabled:
+            mlflow.log_text(text, path)
+
+    def log_model(self, model: keras.Model, example: np.ndarray, extra_files: list[str] | None = None) -> str | None:
+        """Log the Keras model with a signature inferred from ``example`` (and files it needs, such as the
+        vocabulary); return its model URI."""
         if not self.enabled:
             return None
         signature = infer_signature(example, model.predict(example, verbose=0))
+        for path in extra_files or []:
+            mlflow.log_artifact(path)
         info = mlflow.keras.log_model(model, name="model", signature=signature)
         return info.model_uri
+
+
+def use_store(cfg: DictConfig) -> None:
+    """Point MLflow at the configured tracking store (reading runs needs no experiment)."""
+    mlflow.set_tracking_uri(cfg.uri)
 
 
 def setup_experiment(cfg: DictConfig) -> str:
@@ -143,29 +134,65 @@ def setup_experiment(cfg: DictConfig) -> str:
     return client.create_experiment(cfg.experiment, artifact_location=location.resolve().as_uri())
 
 
-@contextmanager
-def start_run(cfg: DictConfig, tags: Mapping[str, Any]) -> Iterator[Tracker]:
-    """An MLflow run holding the flattened resolved config as params, the full config as an artifact, and tags.
+def find_resumable(cfg: DictConfig, fingerprint: str) -> str | None:
+    """The newest run of this experiment with the same config fingerprint that did not finish, or None."""
+    setup_experiment(cfg.tracking)
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string=f"tags.config_hash = '{fingerprint}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
-    The run ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C, so the UI never shows a run that is
-    neither running nor explained.
+
+@contextmanager
+def start_run(cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | None = None) -> Iterator[Tracker]:
+    """An MLflow run holding the flattened resolved config as params, the full config as an artifact, and tags;
+    or, with ``resume_run_id``, that earlier run reopened (its params stay as first logged).
+
+    The run ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM, so the UI never shows a run that
+    is neither running nor explained.
     """
     if not cfg.tracking.enabled:
         yield Tracker(None, None)
         return
     experiment_id = setup_experiment(cfg.tracking)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name) as run:
+    if resume_run_id:
+        run_context = mlflow.start_run(run_id=resume_run_id)
+    else:
+        run_context = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name)
+    with run_context as run:
         tracker = Tracker(MlflowClient(), run.info.run_id)
-        mlflow.log_params(flatten(resolved))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.yaml"
-            path.write_text(OmegaConf.to_yaml(resolved))
-            mlflow.log_artifact(str(path))
+        if not resume_run_id:
+            mlflow.log_params(flatten(resolved))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "config.yaml"
+                path.write_text(OmegaConf.to_yaml(resolved))
+                mlflow.log_artifact(str(path))
         tracker.set_tags(tags)
-        log.info("MLflow run %s in experiment %r at %s", run.info.run_id, cfg.tracking.experiment, cfg.tracking.uri)
+        verb = "resumed" if resume_run_id else "started"
+        log.info(
+            "MLflow run %s %s in experiment %r at %s", run.info.run_id, verb, cfg.tracking.experiment, cfg.tracking.uri
+        )
         try:
             yield tracker
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise
+
+
+def load_model(uri: str) -> keras.Model:
+    """A logged Keras model from ``runs:/<id>/model`` or any MLflow model URI."""
+    return mlflow.keras.load_model(uri)
+
+
+def run_of_model(uri: str) -> str:
+    """The run id that logged the model at ``uri``."""
+    return mlflow.models.get_model_info(uri).run_id
+
+
+def download_artifact(run_id: str, path: str) -> Path:
+    """A local copy of one artifact of a run."""
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))

@@ -1,28 +1,38 @@
 """Training stage: train the configured model on a prepared dataset and track it in MLflow.
 
-python -m pipeline.train                          # toy task, LSTM, default budget
-python -m pipeline.train model=gru trainer=smoke  # any group option
-python -m pipeline.train -m model=rnn,lstm,gru    # a Hydra multirun sweep
+python -m pipeline.train                                 # toy task, LSTM, default budget
+python -m pipeline.train +experiment=ptb_small           # a named preset
+python -m pipeline.train model=gru trainer=smoke         # any group option
+python -m pipeline.train -m model=rnn,lstm,gru           # a Hydra multirun sweep
+python -m pipeline.train +experiment=ptb_small trainer.resume=true   # continue an interrupted run
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import keras
-import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from pipeline import config, data, models, tracking
+from pipeline import config, data, models, tasks, tracking
+from pipeline.generate import generate
 
 log = logging.getLogger(__name__)
 
 config.register()
+
+SAMPLE_PRIME = "the company said"
 
 
 class TrainingError(RuntimeError):
@@ -32,7 +42,8 @@ class TrainingError(RuntimeError):
 class StopOnNonFinite(keras.callbacks.Callback):
     """Stop at the first NaN or infinite loss instead of training on garbage."""
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+    def __init__(self, epoch: int):
+        super().__init__()
         self.epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -57,80 +68,157 @@ def setup_runtime(cfg: DictConfig) -> None:
         log.debug("TensorFlow already initialised; thread settings unchanged")
 
 
-def training_split(split: dict[str, np.ndarray], cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The (x, y) to fit on, cut to ``max_steps_per_epoch`` batches for a smoke budget."""
-    x, y = split["x"], split["y"]
-    if cfg.trainer.max_steps_per_epoch:
-        n = cfg.trainer.max_steps_per_epoch * cfg.trainer.batch_size
-        x, y = x[:n], y[:n]
-    return x, y
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler, `kill`) ends training like Ctrl-C: the run is marked KILLED, the checkpoint kept."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a parallel launcher): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Checkpoint:
+    """The last finished epoch of a run: the whole model with its optimizer state (``model.keras``) and the
+    metrics so far (``state.json``). Both are replaced atomically, so an interruption never leaves half of one."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.model_path = folder / "model.keras"
+        self.state_path = folder / "state.json"
+
+    def exists(self) -> bool:
+        return self.model_path.exists() and self.state_path.exists()
+
+    def save(self, model: keras.Model, epoch: int, history: list[dict[str, float]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / ".partial.keras"
+        model.save(tmp)
+        os.replace(tmp, self.model_path)
+        data.write_json(self.state_path, {"epochs_done": epoch + 1, "history": history})
+
+    def load(self) -> tuple[keras.Model, int, list[dict[str, float]]]:
+        state = json.loads(self.state_path.read_text())
+        return keras.models.load_model(self.model_path), state["epochs_done"], state["history"]
+
+
+def resume_target(cfg: DictConfig, fingerprint: str) -> str | None:
+    """The run to continue: ``trainer.resume_run_id``, or with ``trainer.resume`` the newest unfinished run of the
+    same config; None to start afresh."""
+    if cfg.trainer.resume_run_id:
+        return cfg.trainer.resume_run_id
+    if not cfg.trainer.resume:
+        return None
+    if not cfg.tracking.enabled:
+        raise config.ConfigError("trainer.resume: resuming finds the run in MLflow; set tracking.enabled=true")
+    run_id = tracking.find_resumable(cfg, fingerprint)
+    if run_id is None:
+        log.warning("trainer.resume: no unfinished run with this config (hash %s); starting afresh", fingerprint)
+    return run_id
+
+
+def sample_text(task: tasks.Task, words: int, seed: int) -> str:
+    """Greedy and sampled continuations of a fixed prime: a readable check of what the model has learnt."""
+    model, vocab = task.export_model(), task.dataset.vocab
+    greedy = generate(model, vocab, SAMPLE_PRIME, words, strategy="greedy")
+    sampled = generate(model, vocab, SAMPLE_PRIME, words, strategy="sample", seed=seed)
+    return f"greedy: {SAMPLE_PRIME} {' '.join(greedy)}\nsample: {SAMPLE_PRIME} {' '.join(sampled)}\n"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate on the test split, track everything; return the final metrics and the run id."""
     config.validate(cfg)
     setup_runtime(cfg)
-    prepared = data.load(cfg.paths.data, cfg.data.name)
-    splits = prepared.splits
-    x_train, y_train = training_split(splits["train"], cfg)
-
-    model = models.build_model(cfg.model, prepared.meta)
-    model.compile(
-        optimizer=models.build_optimizer(cfg.optimizer),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    dataset = data.load(cfg.paths.data, cfg.data.name)
+    task = tasks.make(cfg, dataset)
+    fingerprint = config.fingerprint(cfg)
+    resume_run_id = resume_target(cfg, fingerprint)
     commit, dirty = tracking.git_state(cfg.paths.root)
     tags = {
         "dataset": cfg.data.name,
         "cell": ("bi" if cfg.model.bidirectional else "") + cfg.model.cell,
         "git_commit": commit,
         "git_dirty": dirty,
-        "data_digest": prepared.digest,
+        "data_digest": dataset.digest,
         "seed": cfg.seed,
-        "params_count": model.count_params(),
+        "config_hash": fingerprint,
+        "params_count": task.model.count_params(),
     }
-    with tracking.start_run(cfg, tags) as tracker:
-        epoch_logger = tracking.EpochLogger(tracker, samples_per_epoch=len(x_train))
-        callbacks = [
-            StopOnNonFinite(),
-            keras.callbacks.LearningRateScheduler(models.lr_schedule(cfg.optimizer)),
-            epoch_logger,
-        ]
-        if cfg.trainer.early_stopping_patience:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(patience=cfg.trainer.early_stopping_patience, restore_best_weights=True)
-            )
-        model.fit(
-            x_train,
-            y_train,
-            validation_data=(splits["val"]["x"], splits["val"]["y"]),
-            epochs=cfg.trainer.epochs,
-            batch_size=cfg.trainer.batch_size,
-            shuffle=True,
-            callbacks=callbacks,
-            verbose=cfg.trainer.verbose,
-        )
-        scores = model.evaluate(splits["test"]["x"], splits["test"]["y"], batch_size=256, verbose=0, return_dict=True)
-        final = {f"test/{k}": float(v) for k, v in scores.items()}
-        final["epochs"] = len(epoch_logger.history)
-        tracker.log_metrics(final, step=final["epochs"])
-        model_uri = tracker.log_model(model, splits["test"]["x"][:8]) if cfg.tracking.log_model else None
+    schedule = models.lr_schedule(cfg.optimizer)
+    fit_verbose = 1 if cfg.trainer.verbose == 1 else 0
+    with sigterm_as_interrupt(), tracking.start_run(cfg, tags, resume_run_id) as tracker:
+        checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (tracker.run_id or f"untracked-{fingerprint}"))
+        start, history = 0, []
+        if resume_run_id:
+            if not checkpoint.exists():
+                raise TrainingError(f"run {resume_run_id} has no checkpoint at {checkpoint.folder}: cannot resume it")
+            task.model, start, history = checkpoint.load()
+            tracker.set_tags({"resumed_at_epoch": start})
+            log.info("resuming run %s after epoch %d from %s", resume_run_id, start, checkpoint.folder)
+        best, waited = min((h["val/loss"] for h in history), default=math.inf), 0
+        epochs = min(cfg.trainer.epochs, cfg.trainer.max_epochs or cfg.trainer.epochs)
+        for epoch in range(start, epochs):
+            task.model.optimizer.learning_rate.assign(schedule(epoch))
+            started = time.perf_counter()
+            metrics = task.train_epoch(epoch, [StopOnNonFinite(epoch)], fit_verbose)
+            seconds = time.perf_counter() - started
+            metrics.update(task.evaluate("val"))
+            if not math.isfinite(metrics["val/loss"]):
+                raise TrainingError(f"validation loss became {metrics['val/loss']} at epoch {epoch + 1}")
+            x_train, _ = task.train_arrays(epoch)
+            metrics["train/learning_rate"] = float(schedule(epoch))
+            metrics["perf/epoch_seconds"] = seconds
+            metrics[f"perf/{task.unit}_per_sec"] = task.units(x_train) / max(seconds, 1e-9)
+            history.append(metrics)
+            tracker.log_metrics(metrics, step=epoch)
+            if isinstance(task, tasks.LanguageModel) and cfg.trainer.generate_words:
+                tracker.log_text(
+                    sample_text(task, cfg.trainer.generate_words, epoch), f"samples/epoch_{epoch + 1:03d}.txt"
+                )
+            if cfg.trainer.checkpoint:
+                checkpoint.save(task.model, epoch, history)
+            log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
+            best, waited = (metrics["val/loss"], 0) if metrics["val/loss"] < best else (best, waited + 1)
+            if cfg.trainer.early_stopping_patience and waited >= cfg.trainer.early_stopping_patience:
+                log.info("early stop: val/loss has not improved for %d epochs", waited)
+                break
+        final = {**task.evaluate("test"), "epochs": len(history)}
+        tracker.log_metrics(final, step=len(history))
+        exported = task.export_model()
+        model_uri = None
+        if cfg.tracking.log_model:
+            vocab_file = data.prepared_dir(cfg.paths.data, cfg.data.name) / "vocab.txt"
+            extra = [str(vocab_file)] if dataset.vocab is not None else []
+            model_uri = tracker.log_model(exported, task.example(), extra_files=extra)
 
     model_path = Path(cfg.paths.models) / f"{cfg.data.name}.keras"
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(model_path)
-    last = epoch_logger.history[-1] if epoch_logger.history else {}
+    exported.save(model_path)
+    shutil.rmtree(checkpoint.folder, ignore_errors=True)  # finished: the model is in MLflow and models/
+    last = history[-1] if history else {}
     report = {**final, **{k: v for k, v in last.items() if k.startswith(("train/", "val/"))}}
     data.write_json(Path(cfg.paths.reports) / "metrics" / f"{cfg.data.name}.json", report)
     log.info("test metrics: %s", {k: round(v, 4) for k, v in final.items()})
-    return {"metrics": report, "run_id": tracker.run_id, "model_uri": model_uri, "model": model}
+    return {"metrics": report, "history": history, "run_id": tracker.run_id, "model_uri": model_uri, "model": exported}
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    result = run(cfg)
-    return result["metrics"].get("val/accuracy", float("nan"))  # the objective for sweepers
+    try:
+        result = run(cfg)
+    except (TrainingError, data.DataError, config.ConfigError) as err:
+        log.error("%s", err)
+        raise SystemExit(1) from err
+    objective = "val/perplexity" if "val/perplexity" in result["metrics"] else "val/accuracy"
+    return result["metrics"].get(objective, float("nan"))  # the objective for sweepers
 
 
 if __name__ == "__main__":
