@@ -37,6 +37,16 @@ KERAS_METRICS = {
 }
 
 
+_interrupted = False
+
+
+def note_interrupt() -> None:
+    """Record that the process was told to stop (SIGTERM), so the run ends KILLED even if the interruption
+    surfaces as another exception inside a library."""
+    global _interrupted
+    _interrupted = True
+
+
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"units": 64}}`` -> ``{"model.units": 64}``: the resolved config as MLflow params."""
     out: dict[str, Any] = {}
@@ -178,8 +188,9 @@ def start_run(cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | Non
         )
         try:
             yield tracker
-        except KeyboardInterrupt:
-            mlflow.end_run(status="KILLED")
+        except BaseException as err:
+            killed = isinstance(err, KeyboardInterrupt) or _interrupted
+            mlflow.end_run(status="KILLED" if killed else "FAILED")
             raise
 
 

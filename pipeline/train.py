@@ -22,6 +22,7 @@ from typing import Any
 
 import hydra
 import keras
+import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
@@ -73,6 +74,7 @@ def sigterm_as_interrupt():
     """SIGTERM (a scheduler, `kill`) ends training like Ctrl-C: the run is marked KILLED, the checkpoint kept."""
 
     def handler(signum, frame):
+        tracking.note_interrupt()
         raise KeyboardInterrupt(f"signal {signum}")
 
     try:
@@ -86,9 +88,16 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def rng_states(model: keras.Model) -> list:
+    """The dropout layers' random-generator states: Keras' model files do not restore them, so a resumed run
+    would draw other dropout masks than the uninterrupted one."""
+    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
+
+
 class Checkpoint:
-    """The last finished epoch of a run: the whole model with its optimizer state (``model.keras``) and the
-    metrics so far (``state.json``). Both are replaced atomically, so an interruption never leaves half of one."""
+    """The last finished epoch of a run: the whole model with its optimizer state (``model.keras``), and the
+    metrics so far with the random-generator states (``state.json``). Both are replaced atomically, so an
+    interruption never leaves half of one."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -103,11 +112,15 @@ class Checkpoint:
         tmp = self.folder / ".partial.keras"
         model.save(tmp)
         os.replace(tmp, self.model_path)
-        data.write_json(self.state_path, {"epochs_done": epoch + 1, "history": history})
+        rng = [np.asarray(v).tolist() for v in rng_states(model)]
+        data.write_json(self.state_path, {"epochs_done": epoch + 1, "history": history, "rng": rng})
 
     def load(self) -> tuple[keras.Model, int, list[dict[str, float]]]:
         state = json.loads(self.state_path.read_text())
-        return keras.models.load_model(self.model_path), state["epochs_done"], state["history"]
+        model = keras.models.load_model(self.model_path)
+        for variable, value in zip(rng_states(model), state["rng"], strict=True):
+            variable.assign(value)
+        return model, state["epochs_done"], state["history"]
 
 
 def resume_target(cfg: DictConfig, fingerprint: str) -> str | None:

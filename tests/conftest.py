@@ -22,10 +22,10 @@ CONF = REPO / "conf"
 config.register()
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``conf/config.yaml`` exactly as the command line would, with these overrides."""
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` exactly as the command line would, with these overrides."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides or []))
+        return compose(config_name, overrides=list(overrides or []))
 
 
 @pytest.fixture
