@@ -142,6 +142,7 @@ class TrackingConfig:
     artifact_location: str = MISSING
     experiment: str = MISSING
     run_name: str | None = None
+    sweep_name: str | None = None
     log_model: bool = True
 
 
@@ -160,6 +161,12 @@ class GenerateConfig:
 
 
 @dataclass
+class ReportConfig:
+    experiments: str = "rnnlab-%"
+    include_capped: bool = False
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -168,6 +175,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 42
 
 

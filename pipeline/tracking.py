@@ -20,6 +20,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import keras  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -169,10 +172,22 @@ def start_run(cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | Non
         return
     experiment_id = setup_experiment(cfg.tracking)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    parent = sweep_parent()
+    # A readable default name; MLflow's generated names repeat here, because every run seeds `random` alike.
+    run_name = cfg.tracking.run_name or f"{tags['dataset']}-{tags['cell']}"
+    if parent and HydraConfig.initialized():
+        run_name = f"{run_name}-job{HydraConfig.get().job.num}"
     if resume_run_id:
         run_context = mlflow.start_run(run_id=resume_run_id)
+    elif parent:
+        # A sweep's job: a child of the sweep's parent run, in the parent's experiment so the UI nests them.
+        parent_run = MlflowClient().get_run(parent)
+        tags = {**tags, "sweep": parent_run.data.tags.get("sweep", ""), "sweep_parent": parent}
+        run_context = mlflow.start_run(
+            experiment_id=parent_run.info.experiment_id, run_name=run_name, parent_run_id=parent
+        )
     else:
-        run_context = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name)
+        run_context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
     with run_context as run:
         tracker = Tracker(MlflowClient(), run.info.run_id)
         if not resume_run_id:
@@ -192,6 +207,100 @@ def start_run(cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | Non
             killed = isinstance(err, KeyboardInterrupt) or _interrupted
             mlflow.end_run(status="KILLED" if killed else "FAILED")
             raise
+
+
+SWEEP_ENV = "RNNLAB_SWEEP_PARENT_RUN_ID"
+
+
+def sweep_parent() -> str | None:
+    """The parent run id of the Hydra multirun this process belongs to, if any."""
+    return os.environ.get(SWEEP_ENV) or None
+
+
+def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
+    """The sweep's command-line overrides and named sweep parameters, as ``{key: "a,b,c"}``."""
+    out = {}
+    for item in list(hydra_cfg.overrides.task) + [
+        f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()
+    ]:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+class SweepCallback(Callback):
+    """Hydra callback: a multirun becomes one MLflow parent run, named after the sweep with the overrides as
+    params; each job's run is its child (see ``start_run``). The parent ends FINISHED when every child did."""
+
+    def __init__(self) -> None:
+        self.parent: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.tracking.enabled:
+            return
+        overrides = sweep_overrides(config.hydra)
+        # Children of a sweep over datasets would otherwise land in several experiments: keep them together.
+        tracking_cfg = OmegaConf.to_container(config.tracking, resolve=True)
+        if "data" in overrides and "," in overrides["data"]:
+            tracking_cfg["experiment"] = "rnnlab-sweeps"
+        experiment_id = setup_experiment(OmegaConf.create(tracking_cfg))
+        name = config.tracking.sweep_name or "sweep " + " ".join(f"{k}={v}" for k, v in overrides.items())
+        client = MlflowClient()
+        run = client.create_run(experiment_id, run_name=name, tags={"sweep": name, "sweep_role": "parent"})
+        for key, value in overrides.items():
+            client.log_param(run.info.run_id, key, value)
+        self.parent = run.info.run_id
+        os.environ[SWEEP_ENV] = self.parent  # inherited by the jobs, in this process or the launcher's workers
+        log.info("sweep %r: MLflow parent run %s", name, self.parent)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.parent:
+            return
+        client = MlflowClient()
+        parent = client.get_run(self.parent)
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent}'"
+        )
+        statuses = [c.info.status for c in children]
+        client.log_metric(self.parent, "sweep/children", len(children))
+        client.log_metric(self.parent, "sweep/finished", statuses.count("FINISHED"))
+        ok = bool(children) and all(s == "FINISHED" for s in statuses)
+        client.set_terminated(self.parent, status="FINISHED" if ok else "FAILED")
+        os.environ.pop(SWEEP_ENV, None)
+        log.info(
+            "sweep finished: %d of %d runs FINISHED (parent %s)", statuses.count("FINISHED"), len(children), self.parent
+        )
+
+
+def finished_runs(tracking_uri: str, experiment_pattern: str) -> pd.DataFrame:
+    """Every FINISHED training run (sweep parents left out) of the experiments matching ``experiment_pattern``
+    (SQL LIKE, e.g. ``rnnlab-%``), one row each with ``params.*``, ``metrics.*`` and ``tags.*`` columns."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiments = mlflow.search_experiments(filter_string=f"name LIKE '{experiment_pattern}'")
+    if not experiments:
+        return pd.DataFrame()
+    runs = mlflow.search_runs(
+        experiment_ids=[e.experiment_id for e in experiments],
+        filter_string="attributes.status = 'FINISHED'",
+        output_format="pandas",
+    )
+    if runs.empty:
+        return runs
+    if "tags.sweep_role" in runs:
+        runs = runs[runs["tags.sweep_role"] != "parent"]
+    return runs.reset_index(drop=True)
+
+
+def metric_histories(tracking_uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+    """Long table (run_id, key, step, value) of the per-epoch metrics ``keys`` of each run."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    rows = [
+        (run_id, key, m.step, m.value)
+        for run_id in run_ids
+        for key in keys
+        for m in client.get_metric_history(run_id, key)
+    ]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
 
 def load_model(uri: str) -> keras.Model:

@@ -24,7 +24,9 @@ import hydra
 import keras
 import numpy as np
 import tensorflow as tf
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 from pipeline import config, data, models, tasks, tracking
 from pipeline.generate import generate
@@ -223,12 +225,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"metrics": report, "history": history, "run_id": tracker.run_id, "model_uri": model_uri, "model": exported}
 
 
+def parallel_job_threads(cfg: DictConfig) -> None:
+    """Jobs of the joblib launcher share the machine: unless threads were set, give each one TF thread per pool
+    (two one-thread jobs beat two default-thread jobs on 2 cores, see STACK.md)."""
+    hydra_cfg = HydraConfig.get()
+    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower():
+        with open_dict(cfg):
+            cfg.trainer.intra_op_threads = cfg.trainer.intra_op_threads or 1
+            cfg.trainer.inter_op_threads = cfg.trainer.inter_op_threads or 1
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    parallel_job_threads(cfg)
     try:
         result = run(cfg)
     except (TrainingError, data.DataError, config.ConfigError) as err:
         log.error("%s", err)
+        if multirun:  # one failed job (its run is FAILED in MLflow) must not stop the rest of the sweep
+            return float("nan")
         raise SystemExit(1) from err
     objective = "val/perplexity" if "val/perplexity" in result["metrics"] else "val/accuracy"
     return result["metrics"].get(objective, float("nan"))  # the objective for sweepers

@@ -1,0 +1,186 @@
+"""Report stage: MLflow runs -> leaderboards (Markdown, CSV) and plots (PNG) under ``reports/``.
+
+python -m pipeline.report                      # every finished run in the local store
+python -m pipeline.report report.include_capped=true   # smoke runs too
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import matplotlib
+import pandas as pd
+from omegaconf import DictConfig
+
+from pipeline import config, tracking
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+config.register()
+
+# Leaderboard columns: ours <- MLflow's.
+COLUMNS = {
+    "run": "tags.mlflow.runName",
+    "cell": "tags.cell",
+    "layers": "params.model.layers",
+    "units": "params.model.units",
+    "dropout": "params.model.dropout",
+    "optimizer": "params.optimizer.name",
+    "lr": "params.optimizer.learning_rate",
+    "batch": "params.trainer.batch_size",
+    "params": "tags.params_count",
+    "epochs": "metrics.epochs",
+    "sweep": "tags.sweep",
+    "run_id": "run_id",
+}
+CURVE_KEYS = ["val/loss", "val/accuracy", "val/perplexity", "perf/epoch_seconds"]
+
+
+def objective(runs: pd.DataFrame) -> tuple[str, bool]:
+    """The metric that ranks a dataset's runs and whether higher is better: perplexity for a language model."""
+    if "metrics.test/perplexity" in runs and runs["metrics.test/perplexity"].notna().any():
+        return "perplexity", False
+    return "accuracy", True
+
+
+def leaderboard(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: cell, key hyper-parameters, size, best validation and test metric, epochs, time."""
+    metric, higher = objective(runs)
+    table = pd.DataFrame({name: runs.get(col) for name, col in COLUMNS.items()})
+    val = curves[curves["key"] == f"val/{metric}"].groupby("run_id")["value"]
+    table[f"best val {metric}"] = table["run_id"].map(val.max() if higher else val.min())
+    table[f"test {metric}"] = runs[f"metrics.test/{metric}"].values
+    seconds = curves[curves["key"] == "perf/epoch_seconds"].groupby("run_id")["value"]
+    table["s/epoch"] = table["run_id"].map(seconds.mean()).round(1)
+    table["minutes"] = ((runs["end_time"] - runs["start_time"]).dt.total_seconds() / 60).round(1).values
+    table["params"] = pd.to_numeric(table["params"], errors="coerce").astype("Int64")
+    table["epochs"] = pd.to_numeric(table["epochs"], errors="coerce").astype("Int64")
+    for col in (f"best val {metric}", f"test {metric}"):
+        table[col] = table[col].astype(float).round(4)
+    table = table.sort_values(f"test {metric}", ascending=not higher, kind="stable").reset_index(drop=True)
+    order = [
+        "run",
+        "cell",
+        "layers",
+        "units",
+        "dropout",
+        "optimizer",
+        "lr",
+        "batch",
+        "params",
+        f"best val {metric}",
+        f"test {metric}",
+        "epochs",
+        "s/epoch",
+        "minutes",
+        "sweep",
+        "run_id",
+    ]
+    return table[order]
+
+
+def plot_curves(name: str, table: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
+    """Validation loss and the task metric per epoch, one line per run, labelled by cell."""
+    metric, _ = objective_from_curves(curves)
+    keys = ["val/loss", f"val/{metric}"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = dict(zip(table["run_id"], table["cell"] + " (" + table["run"].astype(str) + ")", strict=True))
+    for ax, key in zip(axes, keys, strict=True):
+        for run_id, group in curves[curves["key"] == key].groupby("run_id"):
+            if run_id in labels:
+                ax.plot(group["step"] + 1, group["value"], marker="o", label=labels[run_id])
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"{name}: validation loss")
+    axes[1].set_title(f"{name}: validation {metric}")
+    axes[1].legend(fontsize=7)
+    return save(fig, out / f"{name}_curves.png")
+
+
+def objective_from_curves(curves: pd.DataFrame) -> tuple[str, bool]:
+    return ("perplexity", False) if (curves["key"] == "val/perplexity").any() else ("accuracy", True)
+
+
+def plot_size_and_speed(name: str, table: pd.DataFrame, out: Path) -> list[Path]:
+    """Final test metric against parameter count, and mean time per epoch per cell."""
+    metric = next(c for c in table.columns if c.startswith("test "))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cell, group in table.groupby("cell"):
+        ax.scatter(group["params"].astype(float), group[metric], label=cell, s=40)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{name}: {metric} vs size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths = [save(fig, out / f"{name}_size.png")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    speed = table.groupby("cell")["s/epoch"].mean().sort_values()
+    ax.barh(speed.index, speed.values)
+    ax.set_xlabel("seconds per epoch (mean over runs)")
+    ax.set_title(f"{name}: time per epoch")
+    paths.append(save(fig, out / f"{name}_speed.png"))
+    return paths
+
+
+def save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
+    """Write a leaderboard per dataset, the plots and ``reports/README.md``; return the leaderboards."""
+    out = Path(cfg.paths.reports)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = tracking.finished_runs(cfg.tracking.uri, cfg.report.experiments)
+    if not runs.empty and not cfg.report.include_capped and "params.trainer.max_steps_per_epoch" in runs:
+        runs = runs[runs["params.trainer.max_steps_per_epoch"].isin(["None", None])]
+    boards: dict[str, pd.DataFrame] = {}
+    sections = ["# rnnlab report", "", f"Runs from `{cfg.tracking.uri}` (experiments `{cfg.report.experiments}`)."]
+    if runs.empty or "tags.dataset" not in runs:
+        sections.append("\nNo finished runs yet: train something first (`make run`).")
+    else:
+        curves = tracking.metric_histories(cfg.tracking.uri, list(runs["run_id"]), CURVE_KEYS)
+        for name, group in sorted(runs.groupby("tags.dataset"), key=lambda item: item[0]):
+            group = group.reset_index(drop=True)
+            table = leaderboard(group, curves)
+            boards[name] = table
+            (out / "leaderboards").mkdir(parents=True, exist_ok=True)
+            table.to_csv(out / "leaderboards" / f"{name}.csv", index=False)
+            (out / "leaderboards" / f"{name}.md").write_text(table.to_markdown(index=False) + "\n")
+            own = curves[curves["run_id"].isin(table["run_id"])].copy()
+            own["cell"] = own["run_id"].map(dict(zip(table["run_id"], table["cell"], strict=True)))
+            wide = own.pivot_table(index=["run_id", "cell", "step"], columns="key", values="value").reset_index()
+            wide.insert(3, "epoch", wide.pop("step") + 1)
+            (out / "curves").mkdir(parents=True, exist_ok=True)
+            wide.to_csv(out / "curves" / f"{name}.csv", index=False)
+            figures = [
+                plot_curves(name, table, own, out / "figures"),
+                *plot_size_and_speed(name, table, out / "figures"),
+            ]
+            sections += [f"\n## {name}\n", table.drop(columns=["run_id"]).to_markdown(index=False), ""]
+            sections += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    (out / "README.md").write_text("\n".join(sections) + "\n")
+    log.info("report for %s -> %s", sorted(boards), out)
+    return boards
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
