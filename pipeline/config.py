@@ -126,6 +126,7 @@ class TrainerConfig:
     early_stopping_patience: int | None = None
     deterministic: bool = True
     jit_compile: bool = False
+    distribute: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     verbose: int = 2
@@ -139,7 +140,7 @@ class TrainerConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: str = MISSING
-    artifact_location: str = MISSING
+    artifact_location: str | None = MISSING
     experiment: str = MISSING
     run_name: str | None = None
     sweep_name: str | None = None
@@ -177,6 +178,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 42
+    export: bool = False
 
 
 # data.source -> its schema. data.name may differ (a variant such as imdb_long gets its own prepared folder).

@@ -6,15 +6,20 @@ A task owns the Keras model, feeds it one epoch at a time, evaluates a split and
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from omegaconf import DictConfig
 
 from pipeline import models
 from pipeline.data import Dataset
+
+log = logging.getLogger(__name__)
 
 
 def lm_windows(ids: np.ndarray, batch_size: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +39,18 @@ def lm_windows(ids: np.ndarray, batch_size: int, steps: int) -> tuple[np.ndarray
     return x.reshape(-1, steps), y.reshape(-1, steps)
 
 
+def distribution_scope(cfg: DictConfig):
+    """``trainer.distribute``: build the model under ``tf.distribute.MirroredStrategy`` when more than one GPU is
+    visible (weights mirrored, each batch split across the GPUs, gradients summed); otherwise nothing changes."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if not cfg.trainer.distribute or len(gpus) < 2:
+        if cfg.trainer.distribute:
+            log.info("trainer.distribute: %d GPU(s) visible, training on one device", len(gpus))
+        return contextlib.nullcontext()
+    log.info("trainer.distribute: mirroring over %d GPUs (global batch %d)", len(gpus), cfg.trainer.batch_size)
+    return tf.distribute.MirroredStrategy().scope()
+
+
 class Task:
     """Base: a compiled model plus its data. Subclasses set ``unit`` (what throughput counts) and the data."""
 
@@ -43,7 +60,9 @@ class Task:
         self.cfg = cfg
         self.dataset = dataset
         self.batch_size = cfg.trainer.batch_size
-        self.model = self.build()
+        self.scope = distribution_scope(cfg)
+        with self.scope:
+            self.model = self.build()
 
     # --- hooks -------------------------------------------------------------------------------------------------
     def build(self) -> keras.Model:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -50,16 +50,41 @@ def note_interrupt() -> None:
     _interrupted = True
 
 
+class TrackingError(RuntimeError):
+    """The tracking store failed mid-run; the message says what is kept and how to continue."""
+
+
+def redact(value: Any) -> Any:
+    """A URI with its password replaced by ``***`` (``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``);
+    anything else unchanged. Credentials must never reach params, artifacts or logs."""
+    if not isinstance(value, str) or "://" not in value or "@" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"units": 64}}`` -> ``{"model.units": 64}``: the resolved config as MLflow params."""
+    """``{"model": {"units": 64}}`` -> ``{"model.units": 64}``: the resolved config as MLflow params (redacted)."""
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = value
+            out[name] = redact(value)
     return out
+
+
+def redacted(cfg: Any) -> Any:
+    """A plain copy of a resolved config with every credential redacted (for the config.yaml artifact)."""
+    if isinstance(cfg, Mapping):
+        return {k: redacted(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [redacted(v) for v in cfg]
+    return redact(cfg)
 
 
 def git_state(root: str | Path) -> tuple[str, bool]:
@@ -102,11 +127,27 @@ class Tracker:
         return self.client is not None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """All of one step's metrics in one call: one round trip per epoch, which matters with a server."""
         if not self.enabled:
             return
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        try:
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        except Exception as err:  # the store went away: say so, loudly, with what is kept
+            raise TrackingError(
+                f"the tracking store {redact(mlflow.get_tracking_uri())} failed while logging step {step} of run "
+                f"{self.run_id}: {type(err).__name__}: {str(err)[:300]}"
+            ) from err
+
+    def log_missing(self, history: list[Mapping[str, float]], probe: str) -> None:
+        """Log the entries of ``history`` (one per step) whose ``probe`` metric never reached the store."""
+        if not self.enabled:
+            return
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, probe)}
+        for step, metrics in enumerate(history):
+            if step not in logged:
+                self.log_metrics(metrics, step=step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -137,11 +178,16 @@ def use_store(cfg: DictConfig) -> None:
 def setup_experiment(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and return the experiment id, creating it with an explicit
     artifact location (MLflow's default would be ``./mlruns`` under whatever the working directory is)."""
+    if redact(cfg.uri) != cfg.uri:  # MLflow prints run and model links with the URI: not with a password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        os.environ["MLFLOW_PRINT_MODEL_URLS_ON_CREATION"] = "false"
     mlflow.set_tracking_uri(cfg.uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
+    if not cfg.artifact_location:  # a tracking server with proxied artifacts decides
+        return client.create_experiment(cfg.experiment)
     location = Path(cfg.artifact_location)
     location.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(cfg.experiment, artifact_location=location.resolve().as_uri())
@@ -165,48 +211,50 @@ def start_run(cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | Non
     or, with ``resume_run_id``, that earlier run reopened (its params stay as first logged).
 
     The run ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM, so the UI never shows a run that
-    is neither running nor explained.
+    is neither running nor explained. If the store itself is gone, the original error is what propagates.
     """
     if not cfg.tracking.enabled:
         yield Tracker(None, None)
         return
     experiment_id = setup_experiment(cfg.tracking)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
     parent = sweep_parent()
     # A readable default name; MLflow's generated names repeat here, because every run seeds `random` alike.
     run_name = cfg.tracking.run_name or f"{tags['dataset']}-{tags['cell']}"
     if parent and HydraConfig.initialized():
         run_name = f"{run_name}-job{HydraConfig.get().job.num}"
     if resume_run_id:
-        run_context = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id)
     elif parent:
         # A sweep's job: a child of the sweep's parent run, in the parent's experiment so the UI nests them.
         parent_run = MlflowClient().get_run(parent)
         tags = {**tags, "sweep": parent_run.data.tags.get("sweep", ""), "sweep_parent": parent}
-        run_context = mlflow.start_run(
-            experiment_id=parent_run.info.experiment_id, run_name=run_name, parent_run_id=parent
-        )
+        run = mlflow.start_run(experiment_id=parent_run.info.experiment_id, run_name=run_name, parent_run_id=parent)
     else:
-        run_context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-    with run_context as run:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    try:
         tracker = Tracker(MlflowClient(), run.info.run_id)
         if not resume_run_id:
             mlflow.log_params(flatten(resolved))
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "config.yaml"
-                path.write_text(OmegaConf.to_yaml(resolved))
-                mlflow.log_artifact(str(path))
+            mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         tracker.set_tags(tags)
         verb = "resumed" if resume_run_id else "started"
-        log.info(
-            "MLflow run %s %s in experiment %r at %s", run.info.run_id, verb, cfg.tracking.experiment, cfg.tracking.uri
-        )
-        try:
-            yield tracker
-        except BaseException as err:
-            killed = isinstance(err, KeyboardInterrupt) or _interrupted
-            mlflow.end_run(status="KILLED" if killed else "FAILED")
-            raise
+        where = redact(cfg.tracking.uri)
+        log.info("MLflow run %s %s in %r at %s", run.info.run_id, verb, cfg.tracking.experiment, where)
+        yield tracker
+    except BaseException as err:
+        killed = isinstance(err, KeyboardInterrupt) or _interrupted
+        _end_run("KILLED" if killed else "FAILED")
+        raise
+    _end_run("FINISHED")
+
+
+def _end_run(status: str) -> None:
+    """End the active run; if the store is unreachable, warn instead of hiding the error that ended training."""
+    try:
+        mlflow.end_run(status=status)
+    except Exception as err:  # mlflow has already dropped the run locally: the next run starts clean
+        log.warning("could not mark the MLflow run %s (%s): %s", status, type(err).__name__, str(err)[:200])
 
 
 SWEEP_ENV = "RNNLAB_SWEEP_PARENT_RUN_ID"

@@ -177,6 +177,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 raise TrainingError(f"run {resume_run_id} has no checkpoint at {checkpoint.folder}: cannot resume it")
             task.model, start, history = checkpoint.load()
             tracker.set_tags({"resumed_at_epoch": start})
+            tracker.log_missing(history, probe="train/loss")  # epochs checkpointed but never logged
             log.info("resuming run %s after epoch %d from %s", resume_run_id, start, checkpoint.folder)
         best, waited = min((h["val/loss"] for h in history), default=math.inf), 0
         epochs = min(cfg.trainer.epochs, cfg.trainer.max_epochs or cfg.trainer.epochs)
@@ -193,13 +194,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["perf/epoch_seconds"] = seconds
             metrics[f"perf/{task.unit}_per_sec"] = task.units(x_train) / max(seconds, 1e-9)
             history.append(metrics)
-            tracker.log_metrics(metrics, step=epoch)
-            if isinstance(task, tasks.LanguageModel) and cfg.trainer.generate_words:
-                tracker.log_text(
-                    sample_text(task, cfg.trainer.generate_words, epoch), f"samples/epoch_{epoch + 1:03d}.txt"
-                )
-            if cfg.trainer.checkpoint:
+            if cfg.trainer.checkpoint:  # first, so the epoch survives a tracking store that fails just now
                 checkpoint.save(task.model, epoch, history)
+            try:
+                tracker.log_metrics(metrics, step=epoch)
+                if isinstance(task, tasks.LanguageModel) and cfg.trainer.generate_words:
+                    sample = sample_text(task, cfg.trainer.generate_words, epoch)
+                    tracker.log_text(sample, f"samples/epoch_{epoch + 1:03d}.txt")
+            except tracking.TrackingError as err:
+                kept = (
+                    f"epoch {epoch + 1} is checkpointed at {checkpoint.folder}"
+                    if cfg.trainer.checkpoint
+                    else ("nothing was checkpointed (trainer.checkpoint=false)")
+                )
+                raise tracking.TrackingError(
+                    f"{err}\nTraining stopped: {kept}. When the store answers again, continue with "
+                    f"trainer.resume_run_id={tracker.run_id}"
+                ) from err
             log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
             best, waited = (metrics["val/loss"], 0) if metrics["val/loss"] < best else (best, waited + 1)
             if cfg.trainer.early_stopping_patience and waited >= cfg.trainer.early_stopping_patience:
@@ -214,13 +225,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             extra = [str(vocab_file)] if dataset.vocab is not None else []
             model_uri = tracker.log_model(exported, task.example(), extra_files=extra)
 
-    model_path = Path(cfg.paths.models) / f"{cfg.data.name}.keras"
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    exported.save(model_path)
-    shutil.rmtree(checkpoint.folder, ignore_errors=True)  # finished: the model is in MLflow and models/
+    shutil.rmtree(checkpoint.folder, ignore_errors=True)  # finished: the model is in MLflow
     last = history[-1] if history else {}
     report = {**final, **{k: v for k, v in last.items() if k.startswith(("train/", "val/"))}}
-    data.write_json(Path(cfg.paths.reports) / "metrics" / f"{cfg.data.name}.json", report)
+    if cfg.export:  # the pipeline's outputs (DVC): a manual run leaves them alone
+        model_path = Path(cfg.paths.models) / f"{cfg.data.name}.keras"
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        exported.save(model_path)
+        data.write_json(Path(cfg.paths.reports) / "metrics" / f"{cfg.data.name}.json", report)
     log.info("test metrics: %s", {k: round(v, 4) for k, v in final.items()})
     return {"metrics": report, "history": history, "run_id": tracker.run_id, "model_uri": model_uri, "model": exported}
 
@@ -241,7 +253,7 @@ def main(cfg: DictConfig) -> float:
     parallel_job_threads(cfg)
     try:
         result = run(cfg)
-    except (TrainingError, data.DataError, config.ConfigError) as err:
+    except (TrainingError, tracking.TrackingError, data.DataError, config.ConfigError) as err:
         log.error("%s", err)
         if multirun:  # one failed job (its run is FAILED in MLflow) must not stop the rest of the sweep
             return float("nan")

@@ -77,3 +77,22 @@ def test_every_config_value_has_a_comment():
             if "#" not in line:
                 missing.append(f"{path.relative_to(CONF)}:{number}: {stripped}")
     assert not missing, "config values without a comment:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize(
+    "launcher,target",
+    [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher"), ("basic", "BasicLauncher")],
+)
+def test_launcher_configs_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_server_tracking_reads_its_uri_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RNNLAB_TRACKING_URI", "http://127.0.0.1:5999")
+    cfg = compose_config(["tracking=server"])
+    assert cfg.tracking.uri == "http://127.0.0.1:5999" and cfg.tracking.artifact_location is None
+    config.validate(cfg)

@@ -41,6 +41,7 @@ def test_preset_runs_with_the_smoke_trainer(preset, real_data, tmp_path):
             "trainer=smoke",
             "trainer.verbose=0",
             "tracking.enabled=false",
+            "export=true",
         ]
     )
     result = train.run(cfg)

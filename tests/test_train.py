@@ -25,7 +25,7 @@ def smoke(make_cfg):
 
 
 def test_smoke_run_is_tracked_completely(smoke, tmp_path):
-    result = smoke("model=gru", "tracking.run_name=smoke-gru")
+    result = smoke("model=gru", "tracking.run_name=smoke-gru", "export=true")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke-gru"
@@ -102,3 +102,8 @@ def test_default_toy_lstm_reaches_the_seed_accuracy(make_cfg):
     prepare.run(make_cfg())
     result = train.run(make_cfg("+experiment=toy_dynamic", "tracking.log_model=false"))
     assert result["metrics"]["test/accuracy"] >= 0.95
+
+
+def test_distribute_is_a_no_op_without_several_gpus(smoke):
+    result = smoke("trainer.distribute=true", "tracking.enabled=false")
+    assert result["metrics"]["epochs"] == 2
