@@ -7,10 +7,10 @@ import keras
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
 from pipeline import models, tasks, train
 from pipeline.data import Dataset, save
+from tests.test_models import model_cfg
 
 # The TF tutorial's reader_test: 15 tokens, 3 streams, windows of 2.
 RAW = [4, 3, 2, 1, 0, 5, 6, 1, 1, 1, 1, 0, 3, 4, 1]
@@ -31,17 +31,7 @@ META = {"name": "tiny", "kind": "language_model", "input": "tokens", "vocab_size
 
 
 def lm_cfg(**kw):
-    base = dict(
-        cell="lstm",
-        bidirectional=False,
-        layers=2,
-        units=8,
-        dropout=0.0,
-        recurrent_dropout=0.0,
-        embedding_dim=None,
-        init_scale=0.5,
-    )
-    return OmegaConf.create({**base, **kw})
+    return model_cfg(**{"layers": 2, "init_scale": 0.5, **kw})
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

@@ -42,23 +42,19 @@ def team(tmp_path_factory):
     assert not (srv.pgdata / "postmaster.pid").exists()
 
 
-def pipeline_cmd(module_args, tmp_path, uri, env_extra=None, timeout=600, check=True):
+def train_cmd(module_args, tmp_path, uri, env_extra=None):
+    """The training command against the server at ``uri``, and its environment."""
     env = {**os.environ, "RNNLAB_TRACKING_URI": uri, **(env_extra or {})}
     for key in ("RNNLAB_ROOT", "RNNLAB_SWEEP_PARENT_RUN_ID"):
         env.pop(key, None)
     flags = [a for a in module_args if a.startswith("-")]  # Hydra wants -m before the overrides
     overrides = [a for a in module_args if not a.startswith("-")]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        *flags,
-        f"paths.root={tmp_path}",
-        "tracking=server",
-        "trainer.verbose=0",
-        *SMALL,
-        *overrides,
-    ]
+    base = [f"paths.root={tmp_path}", "tracking=server", "trainer.verbose=0", *SMALL]
+    return [sys.executable, "-m", "pipeline.train", *flags, *base, *overrides], env
+
+
+def pipeline_cmd(module_args, tmp_path, uri, env_extra=None, timeout=600, check=True):
+    cmd, env = train_cmd(module_args, tmp_path, uri, env_extra)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
@@ -110,23 +106,8 @@ def test_parallel_sweep_against_the_server_arrives_complete(team, make_cfg, tmp_
 def test_server_gone_mid_run_fails_loudly_keeps_the_checkpoint_and_resumes(team, make_cfg, tmp_path):
     prepare.run(make_cfg(*SMALL, "data.n_train=800"))
     args = ["data.n_train=800", "trainer.batch_size=4", "trainer.epochs=5", "tracking.log_model=false"]
-    env = {
-        **os.environ,
-        "RNNLAB_TRACKING_URI": team.uri,
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-    }
-    env.pop("RNNLAB_SWEEP_PARENT_RUN_ID", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        f"paths.root={tmp_path}",
-        "tracking=server",
-        "trainer.verbose=0",
-        *SMALL,
-        *args,
-    ]
+    no_retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    cmd, env = train_cmd(args, tmp_path, team.uri, no_retries)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list((tmp_path / "checkpoints").glob("*/state.json")):
