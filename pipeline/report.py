@@ -54,6 +54,7 @@ def leaderboard(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     """One row per run: cell, key hyper-parameters, size, best validation and test metric, epochs, time."""
     metric, higher = objective(runs)
     table = pd.DataFrame({name: runs.get(col) for name, col in COLUMNS.items()})
+    table["sweep"] = table["sweep"].fillna("")
     val = curves[curves["key"] == f"val/{metric}"].groupby("run_id")["value"]
     table[f"best val {metric}"] = table["run_id"].map(val.max() if higher else val.min())
     table[f"test {metric}"] = runs[f"metrics.test/{metric}"].values
