@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-full lint format ui server server-stop clean
+.PHONY: help setup run test test-full lint format ui bench server server-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ format: setup ## apply ruff's fixes and formatting
 
 ui: setup ## the MLflow dashboard on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+bench: setup ## benchmark the training path against plain Keras -> reports/bench.{json,md} (after make run)
+	python -m pipeline.bench
 
 server: setup ## start the team tracking server: PostgreSQL + MLflow on 127.0.0.1:5001 (state in .team-server/)
 	python -m pipeline.server start

@@ -168,6 +168,14 @@ class ReportConfig:
 
 
 @dataclass
+class BenchConfig:
+    cases: list[str] = field(default_factory=list)
+    steps: int = 30
+    rounds: int = 3
+    pipeline_overheads: bool = True
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -177,6 +185,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 42
     export: bool = False
 

@@ -1,0 +1,209 @@
+"""Benchmark: the pipeline's training path against plain Keras on the same model and batch, on this machine.
+
+    python -m pipeline.bench                 # or: make bench (needs the prepared data: make run)
+    python -m pipeline.bench bench.steps=20 bench.rounds=2
+
+For each case it times ``bench.steps`` training steps after a warm-up, alternating (a) the pipeline's path
+(``Task.train_epoch`` plus the epoch's MLflow logging) and (b) ``model.fit`` of a plain Keras model of the same
+architecture, in the same process. It also times (c) the pipeline path with tracking off, a no-op ``dvc repro``
+and each dataset's prepare stage. Results: ``reports/bench.json`` and ``reports/bench.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import keras
+import pandas as pd
+from hydra import compose
+from omegaconf import DictConfig
+
+from pipeline import config, data, prepare, tasks, tracking
+from pipeline.train import setup_runtime
+
+log = logging.getLogger(__name__)
+
+config.register()
+
+CASES = {  # case name -> preset
+    "toy_lstm": "toy_dynamic",
+    "ptb_small_lstm": "ptb_small",
+    "imdb_lstm": "imdb_lstm",
+    "mnist_lstm": "mnist_lstm",
+}
+
+
+def case_config(cfg: DictConfig, preset: str, steps: int, store: Path) -> DictConfig:
+    """The preset's config, composed as `+experiment=<preset>` would be, with an "epoch" of ``steps`` steps and
+    tracking into a throw-away store."""
+    return compose(
+        config_name="config",
+        overrides=[
+            f"+experiment={preset}",
+            f"paths.root={cfg.paths.root}",
+            f"paths.data={cfg.paths.data}",
+            f"trainer.max_steps_per_epoch={steps}",
+            "trainer.max_eval_batches=1",
+            "trainer.verbose=0",
+            "trainer.checkpoint=false",
+            f"tracking.uri=sqlite:///{store}/mlflow.db",
+            f"tracking.artifact_location={store}/artifacts",
+            "tracking.experiment=rnnlab-bench",
+        ],
+    )
+
+
+def plain_keras(task: tasks.Task) -> keras.Model:
+    """The same architecture written as a plain Keras script would: Sequential, defaults, no masking helpers."""
+    m, meta = task.cfg.model, task.dataset.meta
+    layers: list = []
+    if meta["input"] == "tokens":
+        layers.append(keras.layers.Embedding(meta["vocab_size"], m.embedding_dim or m.units))
+    cell = {"rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[m.cell]
+    lm = meta["kind"] == "language_model"
+    for i in range(m.layers):
+        rnn = cell(m.units, return_sequences=lm or i < m.layers - 1)
+        layers.append(keras.layers.Bidirectional(rnn) if m.bidirectional else rnn)
+        if m.dropout:
+            layers.append(keras.layers.Dropout(m.dropout))
+    layers.append(keras.layers.Dense(meta["vocab_size"] if lm else meta["num_classes"]))
+    model = keras.Sequential(layers)
+    model.compile(
+        optimizer=type(task.model.optimizer).__name__.lower(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
+    setup_runtime(cfg)
+    dataset = data.load(cfg.paths.data, cfg.data.name)
+    task = tasks.make(cfg, dataset)
+    baseline = plain_keras(task)
+    x, y = task.train_arrays(0)
+    units = task.units(x)
+    batch = cfg.trainer.batch_size
+    steps = len(x) // batch
+
+    with tracking.start_run(cfg, {"dataset": cfg.data.name, "cell": cfg.model.cell, "bench": name}) as tracker:
+
+        def pipeline_path() -> None:
+            metrics = task.train_epoch(0, [], verbose=0)
+            tracker.log_metrics(metrics, step=0)
+
+        def untracked_path() -> None:
+            task.train_epoch(0, [], verbose=0)
+
+        def keras_path() -> None:
+            baseline.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+
+        for fn in (pipeline_path, keras_path):  # warm-up: tracing, compilation, first allocations
+            fn()
+        times = {"pipeline": [], "keras": [], "untracked": []}
+        for _ in range(rounds):
+            times["pipeline"].append(timed(pipeline_path))
+            times["keras"].append(timed(keras_path))
+            times["untracked"].append(timed(untracked_path))
+    unit = task.unit
+    per_step = {k: [t / steps for t in v] for k, v in times.items()}
+    rate = {k: units / statistics.median(v) for k, v in times.items()}
+    return {
+        "case": name,
+        "unit": unit,
+        "steps": steps,
+        "batch": batch,
+        "pipeline_per_sec": round(rate["pipeline"]),
+        "keras_per_sec": round(rate["keras"]),
+        "ratio_pipeline_over_keras": round(rate["pipeline"] / rate["keras"], 3),
+        "pipeline_step_ms_median": round(1000 * statistics.median(per_step["pipeline"]), 2),
+        "pipeline_step_ms_spread": round(1000 * (max(per_step["pipeline"]) - min(per_step["pipeline"])), 2),
+        "keras_step_ms_median": round(1000 * statistics.median(per_step["keras"]), 2),
+        "tracking_overhead_pct": round(
+            100 * (statistics.median(times["pipeline"]) / statistics.median(times["untracked"]) - 1), 2
+        ),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def noop_repro_seconds(root: Path) -> float | None:
+    dvc = Path(sys.executable).parent / "dvc"
+    done = subprocess.run([str(dvc), "status", "-q"], cwd=root, capture_output=True)
+    if done.returncode != 0:
+        return None  # the pipeline is not up to date: a repro would not be a no-op
+    started = time.perf_counter()
+    subprocess.run([str(dvc), "repro"], cwd=root, capture_output=True, check=True)
+    return round(time.perf_counter() - started, 2)
+
+
+def prepare_seconds(cfg: DictConfig, store: Path) -> dict[str, float]:
+    """Each dataset's prepare stage, from the raw files already downloaded, into a scratch folder."""
+    out = {}
+    for name in ("toy", "ptb", "mnist", "imdb"):
+        run_cfg = compose(config_name="config", overrides=[f"data={name}", f"paths.data={store}/data"])
+        raw = Path(cfg.paths.data) / "raw" / name
+        if raw.exists():
+            (store / "data" / "raw").mkdir(parents=True, exist_ok=True)
+            (store / "data" / "raw" / name).symlink_to(raw)
+        elif name != "toy":
+            continue
+        out[name] = round(timed(lambda c=run_cfg: prepare.run(c)), 2)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "cases": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        for name, preset in CASES.items():
+            if (cfg.bench.cases and name not in cfg.bench.cases) or (not cfg.bench.cases and name == "toy_lstm"):
+                continue  # the toy case is for quick checks: asked for by name only
+            case_cfg = case_config(cfg, preset, cfg.bench.steps, store)
+            try:
+                results["cases"].append(bench_case(name, case_cfg, cfg.bench.rounds))
+            except data.DataError as err:
+                log.warning("%s skipped: %s", name, err)
+            log.info("%s: %s", name, results["cases"][-1] if results["cases"] else "-")
+        if cfg.bench.pipeline_overheads:
+            results["noop_dvc_repro_seconds"] = noop_repro_seconds(Path(cfg.paths.root))
+            results["prepare_seconds"] = prepare_seconds(cfg, store)
+    out = Path(cfg.paths.reports)
+    data.write_json(out / "bench.json", results)
+    table = pd.DataFrame(results["cases"])
+    lines = ["# Benchmark", "", f"{results['machine']}, Python {results['python']}, Keras {results['keras']}", ""]
+    if not table.empty:
+        lines += [table.to_markdown(index=False), ""]
+    for key in ("noop_dvc_repro_seconds", "prepare_seconds"):
+        if key in results:
+            lines.append(f"- {key}: {results[key]}")
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    print((Path(cfg.paths.reports) / "bench.md").read_text() if run(cfg) else "")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The benchmark harness on the toy case: it measures both paths and writes its files."""
+
+import json
+
+from hydra import initialize_config_dir
+
+from pipeline import bench, prepare
+from tests.conftest import CONF
+
+
+def test_bench_writes_throughput_ratio_and_overheads(make_cfg, tmp_path):
+    prepare.run(make_cfg())
+    cfg = make_cfg("bench.cases=[toy_lstm]", "bench.steps=3", "bench.rounds=2", "bench.pipeline_overheads=false")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        results = bench.run(cfg)
+    (case,) = results["cases"]
+    assert case["case"] == "toy_lstm" and case["unit"] == "samples" and case["steps"] == 3
+    assert case["pipeline_per_sec"] > 0 and case["keras_per_sec"] > 0
+    assert case["ratio_pipeline_over_keras"] == round(case["pipeline_per_sec"] / case["keras_per_sec"], 3) or (
+        abs(case["ratio_pipeline_over_keras"] - case["pipeline_per_sec"] / case["keras_per_sec"]) < 0.01
+    )
+    assert json.loads((tmp_path / "reports/bench.json").read_text())["cases"][0]["case"] == "toy_lstm"
+    assert "| toy_lstm " in (tmp_path / "reports/bench.md").read_text()
