@@ -3,15 +3,18 @@
     python -m pipeline.bench                 # or: make bench (needs the prepared data: make run)
     python -m pipeline.bench bench.steps=20 bench.rounds=2
 
-For each case it times ``bench.steps`` training steps after a warm-up, alternating (a) the pipeline's path
-(``Task.train_epoch`` plus the epoch's MLflow logging) and (b) ``model.fit`` of a plain Keras model of the same
-architecture, in the same process. It also times (c) the pipeline path with tracking off, a no-op ``dvc repro``
-and each dataset's prepare stage. Results: ``reports/bench.json`` and ``reports/bench.md``.
+For each case (a preset) it times ``bench.steps`` training steps after a warm-up, alternating in one process (a) the
+pipeline's path (``Task.train_epoch`` plus the epoch's MLflow logging, with the preset's speed settings) and (b)
+``model.fit`` of the same model written as a plain Keras script, with Keras' defaults. It also times (c) the
+pipeline's path with tracking off, and once a no-op ``dvc repro`` and each dataset's prepare stage.
+Results: ``reports/bench.json`` and ``reports/bench.md``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import platform
 import resource
 import statistics
@@ -28,7 +31,7 @@ import pandas as pd
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline import config, data, prepare, tasks, tracking
+from pipeline import config, data, models, prepare, tasks, tracking
 from pipeline.train import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -64,25 +67,51 @@ def case_config(cfg: DictConfig, preset: str, steps: int, store: Path) -> DictCo
 
 
 def plain_keras(task: tasks.Task) -> keras.Model:
-    """The same architecture written as a plain Keras script would: Sequential, defaults, no masking helpers."""
-    m, meta = task.cfg.model, task.dataset.meta
-    layers: list = []
-    if meta["input"] == "tokens":
-        layers.append(keras.layers.Embedding(meta["vocab_size"], m.embedding_dim or m.units))
-    cell = {"rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[m.cell]
+    """The same model as a plain Keras script would write it: Sequential, the same layers (masking, stateful
+    recurrent layers for the language model), optimizer, loss and metrics, and Keras' defaults for everything the
+    pipeline tunes (no unrolling, float32, one step per call)."""
+    m, meta, batch = task.cfg.model, task.dataset.meta, task.batch_size
     lm = meta["kind"] == "language_model"
+    if meta["input"] == "tokens":
+        layers: list = [
+            keras.Input(batch_shape=(batch, None), dtype="int32") if lm else keras.Input((None,), dtype="int32")
+        ]
+        layers.append(keras.layers.Embedding(meta["vocab_size"], m.embedding_dim or m.units, mask_zero=not lm))
+    else:
+        layers = [keras.Input((None, meta["features"]))]
+        if meta.get("pad_value") is not None:
+            layers.append(keras.layers.Masking(meta["pad_value"]))
+    if lm and m.dropout:
+        layers.append(keras.layers.Dropout(m.dropout))
+    cell = {"rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[m.cell]
     for i in range(m.layers):
-        rnn = cell(m.units, return_sequences=lm or i < m.layers - 1)
+        rnn = cell(m.units, return_sequences=lm or i < m.layers - 1, stateful=lm, recurrent_dropout=m.recurrent_dropout)
         layers.append(keras.layers.Bidirectional(rnn) if m.bidirectional else rnn)
         if m.dropout:
             layers.append(keras.layers.Dropout(m.dropout))
-    layers.append(keras.layers.Dense(meta["vocab_size"] if lm else meta["num_classes"]))
+    if lm:
+        layers.append(keras.layers.Dense(meta["vocab_size"]))
+        loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), []
+    else:
+        layers.append(keras.layers.Dense(meta["num_classes"], activation="softmax"))
+        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
     model = keras.Sequential(layers)
-    model.compile(
-        optimizer=type(task.model.optimizer).__name__.lower(),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model.compile(optimizer=models.build_optimizer(task.cfg.optimizer), loss=loss, metrics=metrics)
     return model
+
+
+class StepTimes(keras.callbacks.Callback):
+    """Per-batch times inside ``fit``: the baseline's steady step speed, without fit's per-call set-up."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.times.append(time.perf_counter() - self.started)
 
 
 def timed(fn) -> float:
@@ -99,43 +128,50 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
     x, y = task.train_arrays(0)
     units = task.units(x)
     batch = cfg.trainer.batch_size
-    steps = len(x) // batch
+    steps = math.ceil(len(x) / batch)
+    step_times = StepTimes()
+    times: dict[str, list[float]] = {"pipeline": [], "keras": [], "untracked": [], "tracking": []}
 
     with tracking.start_run(cfg, {"dataset": cfg.data.name, "cell": cfg.model.cell, "bench": name}) as tracker:
 
         def pipeline_path() -> None:
-            metrics = task.train_epoch(0, [], verbose=0)
-            tracker.log_metrics(metrics, step=0)
+            metrics = task.train_epoch(0)
+            times["tracking"].append(timed(lambda: tracker.log_metrics(metrics, step=0)))
 
         def untracked_path() -> None:
-            task.train_epoch(0, [], verbose=0)
+            task.train_epoch(0)
 
         def keras_path() -> None:
-            baseline.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+            baseline.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[step_times])
 
-        for fn in (pipeline_path, keras_path):  # warm-up: tracing, compilation, first allocations
+        for fn in (pipeline_path, keras_path, untracked_path):  # warm-up: tracing, compilation, first allocations
             fn()
-        times = {"pipeline": [], "keras": [], "untracked": []}
-        for _ in range(rounds):
+        times["tracking"].clear()
+        step_times.times.clear()
+        for _ in range(rounds):  # alternating, so that a slow spell of the machine hits both
             times["pipeline"].append(timed(pipeline_path))
             times["keras"].append(timed(keras_path))
             times["untracked"].append(timed(untracked_path))
-    unit = task.unit
     per_step = {k: [t / steps for t in v] for k, v in times.items()}
     rate = {k: units / statistics.median(v) for k, v in times.items()}
+    steady = units / (steps * statistics.median(step_times.times))
     return {
         "case": name,
-        "unit": unit,
+        "unit": task.unit,
         "steps": steps,
         "batch": batch,
+        "precision": task.precision,
         "pipeline_per_sec": round(rate["pipeline"]),
         "keras_per_sec": round(rate["keras"]),
         "ratio_pipeline_over_keras": round(rate["pipeline"] / rate["keras"], 3),
+        "keras_steady_per_sec": round(steady),
+        "ratio_over_keras_steady": round(rate["pipeline"] / steady, 3),
         "pipeline_step_ms_median": round(1000 * statistics.median(per_step["pipeline"]), 2),
         "pipeline_step_ms_spread": round(1000 * (max(per_step["pipeline"]) - min(per_step["pipeline"])), 2),
         "keras_step_ms_median": round(1000 * statistics.median(per_step["keras"]), 2),
+        "keras_step_ms_spread": round(1000 * (max(per_step["keras"]) - min(per_step["keras"])), 2),
         "tracking_overhead_pct": round(
-            100 * (statistics.median(times["pipeline"]) / statistics.median(times["untracked"]) - 1), 2
+            100 * statistics.median(times["tracking"]) / statistics.median(times["untracked"]), 2
         ),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
@@ -166,11 +202,21 @@ def prepare_seconds(cfg: DictConfig, store: Path) -> dict[str, float]:
     return out
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    return platform.processor() or "unknown"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": platform.platform(),
         "python": platform.python_version(),
         "keras": keras.__version__,
+        "cpu": cpu_model(),
+        "amx_bf16": models.cpu_has_amx_bf16(),
+        "gpu": models.gpu_available(),
         "cases": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +236,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.reports)
     data.write_json(out / "bench.json", results)
     table = pd.DataFrame(results["cases"])
-    lines = ["# Benchmark", "", f"{results['machine']}, Python {results['python']}, Keras {results['keras']}", ""]
+    machine = f"{results['cpu']}{' (AMX)' if results['amx_bf16'] else ''}{', GPU' if results['gpu'] else ''}"
+    lines = ["# Benchmark", "", f"{machine}; Python {results['python']}, Keras {results['keras']}", ""]
     if not table.empty:
         lines += [table.to_markdown(index=False), ""]
     for key in ("noop_dvc_repro_seconds", "prepare_seconds"):

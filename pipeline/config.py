@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("rnn", "lstm", "gru")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 TRUNCATE = ("pre", "post")
+PRECISIONS = ("float32", "bfloat16_output", "mixed_bfloat16", "mixed_float16", "auto")
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,7 @@ class ModelConfig:
     units: int = 64
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
+    unroll: bool = False
     embedding_dim: int | None = None
     init_scale: float | None = None
 
@@ -126,6 +128,8 @@ class TrainerConfig:
     early_stopping_patience: int | None = None
     deterministic: bool = True
     jit_compile: bool = False
+    precision: str = "float32"
+    steps_per_execution: int = 1
     distribute: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
@@ -170,8 +174,8 @@ class ReportConfig:
 @dataclass
 class BenchConfig:
     cases: list[str] = field(default_factory=list)
-    steps: int = 30
-    rounds: int = 3
+    steps: int = 100
+    rounds: int = 5
     pipeline_overheads: bool = True
 
 
@@ -261,6 +265,17 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(t.epochs >= 1, "trainer.epochs", f"must be at least 1, got {t.epochs}")
     _check(t.max_epochs is None or t.max_epochs >= 1, "trainer.max_epochs", "must be null (no cap) or at least 1")
     _check(t.batch_size >= 1, "trainer.batch_size", f"must be at least 1, got {t.batch_size}")
+    _check(
+        t.precision in PRECISIONS, "trainer.precision", f"unknown precision {t.precision!r}; choose one of {PRECISIONS}"
+    )
+    _check(
+        t.steps_per_execution >= 1, "trainer.steps_per_execution", f"must be at least 1, got {t.steps_per_execution}"
+    )
+    _check(
+        not (t.jit_compile and t.deterministic),
+        "trainer.jit_compile",
+        "Keras turns XLA off while TF's op determinism is on; also set trainer.deterministic=false",
+    )
     d = cfg.data
     if source in ("imdb", "mnist"):
         _check(d.val_size >= 1, "data.val_size", f"must be at least 1, got {d.val_size}")

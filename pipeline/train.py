@@ -38,25 +38,7 @@ config.register()
 SAMPLE_PRIME = "the company said"
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
-
-
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Stop at the first NaN or infinite loss instead of training on garbage."""
-
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.model.stop_training = True
-            raise TrainingError(
-                f"loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}: lower "
-                "optimizer.learning_rate, set optimizer.clip_global_norm, or check the data for NaNs."
-            )
+TrainingError = tasks.TrainingError
 
 
 def setup_runtime(cfg: DictConfig) -> None:
@@ -166,9 +148,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "config_hash": fingerprint,
         "params_count": task.model.count_params(),
+        "precision": task.precision,
     }
     schedule = models.lr_schedule(cfg.optimizer)
-    fit_verbose = 1 if cfg.trainer.verbose == 1 else 0
     with sigterm_as_interrupt(), tracking.start_run(cfg, tags, resume_run_id) as tracker:
         checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (tracker.run_id or f"untracked-{fingerprint}"))
         start, history = 0, []
@@ -184,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for epoch in range(start, epochs):
             task.model.optimizer.learning_rate.assign(schedule(epoch))
             started = time.perf_counter()
-            metrics = task.train_epoch(epoch, [StopOnNonFinite(epoch)], fit_verbose)
+            metrics = task.train_epoch(epoch, cfg.trainer.verbose)
             seconds = time.perf_counter() - started
             metrics.update(task.evaluate("val"))
             if not math.isfinite(metrics["val/loss"]):

@@ -15,7 +15,9 @@ def test_bench_writes_throughput_ratio_and_overheads(make_cfg, tmp_path):
         results = bench.run(cfg)
     (case,) = results["cases"]
     assert case["case"] == "toy_lstm" and case["unit"] == "samples" and case["steps"] == 3
-    assert case["pipeline_per_sec"] > 0 and case["keras_per_sec"] > 0
+    assert case["pipeline_per_sec"] > 0 and case["keras_per_sec"] > 0 and case["keras_steady_per_sec"] > 0
+    assert case["tracking_overhead_pct"] >= 0 and case["precision"] == "float32"
+    assert results["cpu"] and isinstance(results["amx_bf16"], bool)
     assert case["ratio_pipeline_over_keras"] == round(case["pipeline_per_sec"] / case["keras_per_sec"], 3) or (
         abs(case["ratio_pipeline_over_keras"] - case["pipeline_per_sec"] / case["keras_per_sec"]) < 0.01
     )
