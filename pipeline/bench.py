@@ -38,21 +38,24 @@ log = logging.getLogger(__name__)
 
 config.register()
 
-CASES = {  # case name -> preset
-    "toy_lstm": "toy_dynamic",
-    "ptb_small_lstm": "ptb_small",
-    "imdb_lstm": "imdb_lstm",
-    "mnist_lstm": "mnist_lstm",
+CASES = {  # case name -> the preset, and overrides
+    "toy_lstm": ("toy_dynamic",),
+    "ptb_small_lstm": ("ptb_small",),
+    "ptb_small_lstm_bf16": ("ptb_small", "trainer.precision=auto"),  # the output layer in bfloat16 on AMX CPUs
+    "imdb_lstm": ("imdb_lstm",),
+    "mnist_lstm": ("mnist_lstm",),
 }
 
 
-def case_config(cfg: DictConfig, preset: str, steps: int, store: Path) -> DictConfig:
+def case_config(cfg: DictConfig, case: tuple[str, ...], steps: int, store: Path) -> DictConfig:
     """The preset's config, composed as `+experiment=<preset>` would be, with an "epoch" of ``steps`` steps and
     tracking into a throw-away store."""
+    preset, *overrides = case
     return compose(
         config_name="config",
         overrides=[
             f"+experiment={preset}",
+            *overrides,
             f"paths.root={cfg.paths.root}",
             f"paths.data={cfg.paths.data}",
             f"trainer.max_steps_per_epoch={steps}",
@@ -221,10 +224,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
-        for name, preset in CASES.items():
+        for name, case in CASES.items():
             if (cfg.bench.cases and name not in cfg.bench.cases) or (not cfg.bench.cases and name == "toy_lstm"):
                 continue  # the toy case is for quick checks: asked for by name only
-            case_cfg = case_config(cfg, preset, cfg.bench.steps, store)
+            case_cfg = case_config(cfg, case, cfg.bench.steps, store)
             try:
                 results["cases"].append(bench_case(name, case_cfg, cfg.bench.rounds))
             except data.DataError as err:

@@ -5,6 +5,7 @@ Nothing else in the package imports mlflow, so a tracking change (a server, anot
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -41,13 +42,38 @@ KERAS_METRICS = {
 
 
 _interrupted = False
+_writing = 0  # store writes under way (nested)
+_deferred = False  # an interrupt came during one: raise it when the write is done
 
 
-def note_interrupt() -> None:
+def note_interrupt() -> bool:
     """Record that the process was told to stop (SIGTERM), so the run ends KILLED even if the interruption
-    surfaces as another exception inside a library."""
-    global _interrupted
+    surfaces as another exception inside a library. Returns whether to interrupt now: not in the middle of a
+    store write, which an exception cut in half could leave the store's session unable to mark the run KILLED."""
+    global _interrupted, _deferred
     _interrupted = True
+    if _writing:
+        _deferred = True
+        return False
+    return True
+
+
+def _store_write(method):
+    """A Tracker method that writes to the store: a SIGTERM during it takes effect when it returns."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        global _writing, _deferred
+        _writing += 1
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _writing -= 1
+            if not _writing and _deferred:
+                _deferred = False
+                raise KeyboardInterrupt("SIGTERM during a store write")
+
+    return wrapper
 
 
 class TrackingError(RuntimeError):
@@ -126,6 +152,7 @@ class Tracker:
     def enabled(self) -> bool:
         return self.client is not None
 
+    @_store_write
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """All of one step's metrics in one call: one round trip per epoch, which matters with a server."""
         if not self.enabled:
@@ -149,15 +176,18 @@ class Tracker:
             if step not in logged:
                 self.log_metrics(metrics, step=step)
 
+    @_store_write
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    @_store_write
     def log_text(self, text: str, path: str) -> None:
         """A text artifact (e.g. generated samples) at ``path`` inside the run."""
         if self.enabled:
             mlflow.log_text(text, path)
 
+    @_store_write
     def log_model(self, model: keras.Model, example: np.ndarray, extra_files: list[str] | None = None) -> str | None:
         """Log the Keras model with a signature inferred from ``example`` (and files it needs, such as the
         vocabulary); return its model URI."""

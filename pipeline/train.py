@@ -58,8 +58,8 @@ def sigterm_as_interrupt():
     """SIGTERM (a scheduler, `kill`) ends training like Ctrl-C: the run is marked KILLED, the checkpoint kept."""
 
     def handler(signum, frame):
-        tracking.note_interrupt()
-        raise KeyboardInterrupt(f"signal {signum}")
+        if tracking.note_interrupt():
+            raise KeyboardInterrupt(f"signal {signum}")
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import prepare, train
+from pipeline import prepare, tracking, train
 from tests.conftest import REPO
 
 COMMON = (
@@ -56,7 +56,7 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, output
     client, (killed,) = runs(tmp_path)
-    assert killed.info.status == "KILLED"
+    assert killed.info.status == "KILLED", output[-3000:]
     done = json.loads(state.read_text())["epochs_done"]
     assert 1 <= done < 4 and state.parent.name == killed.info.run_id
 
@@ -93,3 +93,18 @@ def test_nan_loss_in_a_real_process_fails_the_run_with_a_message(make_cfg, tmp_p
     assert re.search(r"loss became nan at epoch 1, batch(es 1-\d+| 1):", output) and "check the data for NaNs" in output
     _, (run,) = runs(tmp_path)
     assert run.info.status == "FAILED"
+
+
+def test_a_sigterm_during_a_store_write_takes_effect_after_it(monkeypatch):
+    monkeypatch.setattr(tracking, "_interrupted", False)
+    written = []
+
+    @tracking._store_write
+    def write():
+        assert tracking.note_interrupt() is False  # not now: the write would be cut in half
+        written.append("metrics")
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM during a store write"):
+        write()
+    assert written == ["metrics"] and tracking._interrupted
+    assert tracking.note_interrupt() is True  # outside a write: at once
