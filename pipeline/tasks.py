@@ -138,13 +138,13 @@ class Task:
             size = min(self.batch_size, part.stop - part.start)  # the short batch is a batch of its own size
             if size == 0:
                 continue
-            n = (part.stop - part.start) // size
+            end = done + (part.stop - part.start) // size  # batch count once this part is through
             dataset = tf.data.Dataset.from_tensor_slices((x[part], y[part])).batch(size, drop_remainder=True)
             dataset = dataset.prefetch(2).with_options(NO_AUTOTUNE)
             iterator = iter(model.distribute_strategy.experimental_distribute_dataset(dataset))
-            for _ in range(math.ceil(n / model.steps_per_execution)):
+            while done < end:
                 logs = step(iterator)
-                first, done = done + 1, min(done + model.steps_per_execution, batches)
+                first, done = done + 1, min(done + model.steps_per_execution, end)
                 loss = float(logs["loss"])
                 if training and not math.isfinite(loss):
                     where = f"batch {done}" if first == done else f"batches {first}-{done}"

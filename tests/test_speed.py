@@ -112,3 +112,14 @@ def test_unrolled_layers_compute_the_same_function():
 def test_speed_settings_are_validated(make_cfg, override, message):
     with pytest.raises(config.ConfigError, match=message):
         config.validate(make_cfg(override))
+
+
+@pytest.mark.parametrize(("row", "where"), [(70, "batch 5"), (85, "batch 6"), (20, "batches 1-4")])
+def test_a_nan_names_the_batches_of_its_call(toy_task, row, where):
+    # 90 samples in batches of 16, 4 per call: calls of batches 1-4, 5 and the short batch 6.
+    task = toy_task("trainer.steps_per_execution=4")
+    x, y = task.train_arrays(0)
+    x, y = x[:90].copy(), y[:90]
+    x[row, 0, 0] = np.nan
+    with pytest.raises(tasks.TrainingError, match=rf"loss became nan at epoch 1, {where}: "):
+        task.run_batches(True, x, y)
