@@ -86,7 +86,7 @@ def plain_keras(task: tasks.Task) -> keras.Model:
             layers.append(keras.layers.Masking(meta["pad_value"]))
     if lm and m.dropout:
         layers.append(keras.layers.Dropout(m.dropout))
-    cell = {"rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[m.cell]
+    cell = models.RECURRENT_LAYERS[m.cell]  # the Keras layer class itself, with none of the pipeline's settings
     for i in range(m.layers):
         rnn = cell(m.units, return_sequences=lm or i < m.layers - 1, stateful=lm, recurrent_dropout=m.recurrent_dropout)
         layers.append(keras.layers.Bidirectional(rnn) if m.bidirectional else rnn)

@@ -129,7 +129,7 @@ class TrainerConfig:
     deterministic: bool = True
     jit_compile: bool = False
     precision: str = "float32"
-    steps_per_execution: int = 1
+    steps_per_execution: int = 10
     distribute: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +19,6 @@ RECURRENT_LAYERS: dict[str, type] = {
     "gru": keras.layers.GRU,
 }
 assert tuple(RECURRENT_LAYERS) == CELLS
-
-log = logging.getLogger(__name__)
 
 
 @functools.cache

@@ -127,8 +127,12 @@ class Task:
         stalled 2-5 s at random at the end of ``fit`` (and of each epoch); a fixed prefetch never stalls.
         """
         model = self.model
-        model.make_train_function() if training else model.make_test_function()
-        step = model.train_function if training else model.test_function
+        if training:
+            model.make_train_function()
+            step = model.train_function
+        else:
+            model.make_test_function()
+            step = model.test_function
         batches = math.ceil(len(x) / self.batch_size)
         progress = keras.utils.Progbar(batches) if verbose == 1 else None
         full = len(x) // self.batch_size * self.batch_size
