@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("rnn", "lstm", "gru")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 TRUNCATE = ("pre", "post")
-PRECISIONS = ("float32", "bfloat16_output", "mixed_bfloat16", "mixed_float16", "auto")
+PRECISIONS = ("float32", "bfloat16_grad", "bfloat16_output", "mixed_bfloat16", "mixed_float16", "auto")
 
 
 class ConfigError(ValueError):
@@ -173,7 +173,9 @@ class ReportConfig:
 
 @dataclass
 class BenchConfig:
-    cases: list[str] = field(default_factory=list)
+    cases: list[str] = field(
+        default_factory=lambda: ["ptb_small_lstm", "ptb_small_lstm_float32", "imdb_lstm", "mnist_lstm"]
+    )
     steps: int = 100
     rounds: int = 5
     pipeline_overheads: bool = True

@@ -27,20 +27,54 @@ def gpu_available() -> bool:
 
 
 @functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Intel AMX with bfloat16 (Sapphire Rapids and later): bfloat16 matmuls run about 3x faster than float32."""
+def cpu_bf16_matmul() -> str | None:
+    """The CPU's bfloat16 matrix instructions: ``amx_bf16`` (Intel Sapphire Rapids and later) or ``avx512_bf16``
+    (AMD Zen 4 and later, Intel Cooper Lake), which oneDNN uses for bfloat16 matmuls; None = none (bfloat16 has no fast
+    path then)."""
     try:
-        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
 
 
-def resolve_precision(precision: str) -> str:
-    """``trainer.precision`` with ``auto`` decided for this machine: the output layer in bfloat16 on CPUs with AMX
-    (the 10,000-way softmax layer is most of a PTB step), float32 elsewhere (without AMX bfloat16 is slower)."""
-    if precision != "auto":
-        return precision
-    return "bfloat16_output" if cpu_has_amx_bf16() and not gpu_available() else "float32"
+def resolve_precision(precision: str, kind: str = "language_model") -> str:
+    """``trainer.precision`` decided for this machine and task kind. ``auto``: the output layer's gradients in
+    bfloat16 on CPUs with bfloat16 instructions (the 10,000-way output layer is most of a PTB step), float32
+    elsewhere. ``bfloat16_grad`` is for a language model's output layer: a classifier's few classes gain nothing from
+    it, so a classifier trains in float32."""
+    if precision == "auto":
+        precision = "bfloat16_grad" if cpu_bf16_matmul() and not gpu_available() else "float32"
+    if precision == "bfloat16_grad" and kind != "language_model":
+        return "float32"
+    return precision
+
+
+@tf.custom_gradient
+def matmul_bfloat16_grad(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    """``x @ w`` in float32, whose two backward matmuls (into ``x`` and into ``w``) run in bfloat16: two thirds of an
+    output layer's arithmetic, while the logits, the loss and the weights stay float32."""
+
+    def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        dy16 = tf.cast(dy, tf.bfloat16)
+        dx = tf.matmul(dy16, tf.cast(w, tf.bfloat16), transpose_b=True)
+        dw = tf.matmul(tf.cast(x, tf.bfloat16), dy16, transpose_a=True)
+        return tf.cast(dx, x.dtype), tf.cast(dw, w.dtype)
+
+    return tf.matmul(x, w), grad
+
+
+@keras.saving.register_keras_serializable("rnnlab")
+class Bfloat16GradDense(keras.layers.Dense):
+    """A Dense layer (no activation) computed by ``matmul_bfloat16_grad``; its weights are a plain Dense layer's."""
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        shape = tf.shape(inputs)
+        flat = tf.reshape(inputs, [-1, shape[-1]])
+        y = matmul_bfloat16_grad(flat, tf.convert_to_tensor(self.kernel))
+        if self.use_bias:
+            y = y + self.bias
+        return tf.reshape(y, tf.concat([shape[:-1], [self.units]], axis=0))
 
 
 def layer_dtypes(precision: str) -> tuple[str | None, str | None]:
@@ -134,6 +168,7 @@ def build_language_model(
     With ``batch_size`` the recurrent layers are stateful: the state at the end of one window starts the next
     (truncated back-propagation through time), which needs a fixed batch. Without it the model reads whole
     sequences of any length and batch from a zero state: the form logged to MLflow and used for generation.
+    ``bfloat16_grad`` changes only training, so only the stateful model uses ``Bfloat16GradDense``.
     """
     if cfg.bidirectional:
         raise ValueError(
@@ -157,7 +192,8 @@ def build_language_model(
         if cfg.dropout:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}", dtype=body)(x)
     dense_init = initializers(cfg)
-    logits = keras.layers.Dense(
+    dense = Bfloat16GradDense if precision == "bfloat16_grad" and stateful else keras.layers.Dense
+    logits = dense(
         meta["vocab_size"],
         kernel_initializer=dense_init.get("kernel_initializer", "glorot_uniform"),
         bias_initializer=dense_init.get("bias_initializer", "zeros"),

@@ -68,7 +68,7 @@ class Task:
         self.cfg = cfg
         self.dataset = dataset
         self.batch_size = cfg.trainer.batch_size
-        self.precision = models.resolve_precision(cfg.trainer.precision)
+        self.precision = models.resolve_precision(cfg.trainer.precision, dataset.meta["kind"])
         self.scope = distribution_scope(cfg)
         with self.scope:
             self.model = self.build()

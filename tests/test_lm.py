@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -110,3 +111,13 @@ def test_language_model_training_logs_perplexity_samples_and_a_vocabulary(tiny_p
     lines = Path(text).read_text().splitlines()
     assert lines[0].startswith("greedy: the company said") and lines[1].startswith("sample: the company said")
     assert lines[0].split()[4:11] == ["w0", "w1", "w2", "<eos>", "the", "company", "said"]  # the learnt period
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16_grad"])
+def test_both_language_model_precisions_learn_and_log_a_plain_keras_model(tiny_ptb, tmp_path, precision):
+    result = train.run(tiny_ptb(f"trainer.precision={precision}", "trainer.epochs=2"))
+    assert result["history"][-1]["val/perplexity"] < 2.0  # the periodic stream is learnt either way
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(result["run_id"])
+    assert run.data.tags["precision"] == precision
+    logged = mlflow.keras.load_model(result["model_uri"])
+    assert type(logged.get_layer("logits")) is keras.layers.Dense  # bfloat16 gradients are a training detail

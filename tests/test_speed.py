@@ -1,8 +1,11 @@
 """The fast training path: it computes what Keras' fit/evaluate compute, and the speed settings keep the model."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipeline import config, data, models, prepare, tasks
 from tests.test_lm import META as LM_META
@@ -82,13 +85,69 @@ def test_float32_lm_and_reduced_precision_agree_closely():
     np.testing.assert_allclose(half(tokens), full(tokens), atol=0.05)
 
 
+def test_bfloat16_grad_matmul_is_float32_forward_and_bfloat16_backward():
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(8, 16)), tf.float32)
+    w = tf.constant(rng.normal(size=(16, 32)), tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, w])
+        fast = models.matmul_bfloat16_grad(x, w)
+        exact = tf.matmul(x, w)
+        weights = tf.constant(rng.normal(size=(8, 32)), tf.float32)
+        fast_loss, exact_loss = tf.reduce_sum(fast * weights), tf.reduce_sum(exact * weights)
+    np.testing.assert_array_equal(fast, exact)  # the forward pass (logits, loss) is untouched float32
+    for ours, reference in zip(tape.gradient(fast_loss, [x, w]), tape.gradient(exact_loss, [x, w]), strict=True):
+        assert ours.dtype == tf.float32
+        np.testing.assert_allclose(ours, reference, rtol=0.02, atol=0.05)  # bfloat16: 8 significant bits
+        assert not np.array_equal(ours, reference)  # it really ran in bfloat16
+
+
+def test_bfloat16_grad_lm_trains_like_float32_and_exports_plain_keras(tmp_path):
+    keras.utils.set_random_seed(0)
+    tokens, targets = np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), np.array([[2, 3, 4, 5], [6, 7, 8, 9]])
+    trained = {}
+    for precision in ("float32", "bfloat16_grad"):
+        lm = models.build_language_model(lm_cfg(), LM_META, batch_size=2, precision=precision)
+        if trained:
+            lm.set_weights(trained["float32"][0])  # same weights, same layout
+        lm.compile(optimizer=keras.optimizers.SGD(1.0), loss=models.SequenceLoss(4))
+        start = lm.get_weights()
+        lm.train_on_batch(tokens, targets)
+        trained[precision] = (start, lm.get_weights(), lm)
+    lm = trained["bfloat16_grad"][2]
+    assert isinstance(lm.get_layer("logits"), models.Bfloat16GradDense)
+    start = trained["float32"][0]
+    for before, a, b in zip(start, trained["float32"][1], trained["bfloat16_grad"][1], strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-3)
+        assert np.abs(b - before).max() > 0.01 or np.abs(a - before).max() < 0.01  # every weight learns
+    lm.save(tmp_path / "checkpoint.keras")  # a checkpoint reloads with the layer, for resuming
+    reloaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    assert isinstance(reloaded.get_layer("logits"), models.Bfloat16GradDense)
+    exported = models.build_language_model(lm_cfg(), LM_META, precision="bfloat16_grad")
+    assert type(exported.get_layer("logits")) is keras.layers.Dense  # the logged model needs no rnnlab code
+    exported.set_weights(lm.get_weights())
+    models.reset_states(lm)
+    np.testing.assert_allclose(exported(tokens), lm(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_precision_follows_the_machine(monkeypatch):
     monkeypatch.setattr(models, "gpu_available", lambda: False)
-    monkeypatch.setattr(models, "cpu_has_amx_bf16", lambda: True)
-    assert models.resolve_precision("auto") == "bfloat16_output"
-    monkeypatch.setattr(models, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(models, "cpu_bf16_matmul", lambda: "avx512_bf16")
+    assert models.resolve_precision("auto") == "bfloat16_grad"
+    assert models.resolve_precision("auto", "classification") == "float32"
+    assert models.resolve_precision("mixed_bfloat16", "classification") == "mixed_bfloat16"
+    monkeypatch.setattr(models, "cpu_bf16_matmul", lambda: None)
     assert models.resolve_precision("auto") == "float32"
     assert models.resolve_precision("mixed_float16") == "mixed_float16"
+    monkeypatch.setattr(models, "cpu_bf16_matmul", lambda: "amx_bf16")
+    monkeypatch.setattr(models, "gpu_available", lambda: True)
+    assert models.resolve_precision("auto") == "float32"
+
+
+def test_cpu_bf16_flags_are_read_from_cpuinfo():
+    flags = Path("/proc/cpuinfo").read_text().split()
+    expected = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+    assert models.cpu_bf16_matmul() == expected
 
 
 def test_unrolled_layers_compute_the_same_function():
