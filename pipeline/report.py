@@ -144,28 +144,33 @@ def save(fig: Any, path: Path) -> Path:
 def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
     """Write a leaderboard per dataset, the plots and ``reports/README.md``; return the leaderboards."""
     out = Path(cfg.paths.reports)
-    out.mkdir(parents=True, exist_ok=True)
+    for folder in ("leaderboards", "curves", "figures"):  # DVC's outputs, even when there is nothing to put in them
+        (out / folder).mkdir(parents=True, exist_ok=True)
     runs = tracking.finished_runs(cfg.tracking.uri, cfg.report.experiments)
+    finished = len(runs)
     if not runs.empty and not cfg.report.include_capped and "params.trainer.max_steps_per_epoch" in runs:
         runs = runs[runs["params.trainer.max_steps_per_epoch"].isin(["None", None])]
     boards: dict[str, pd.DataFrame] = {}
     sections = ["# rnnlab report", "", f"Runs from `{cfg.tracking.uri}` (experiments `{cfg.report.experiments}`)."]
     if runs.empty or "tags.dataset" not in runs:
-        sections.append("\nNo finished runs yet: train something first (`make run`).")
+        sections.append(
+            f"\nNo full-budget runs: {finished} finished run(s) had a step cap (e.g. trainer=smoke); "
+            "report.include_capped=true reports them."
+            if finished
+            else "\nNo finished runs yet: train something first (`make run`)."
+        )
     else:
         curves = tracking.metric_histories(cfg.tracking.uri, list(runs["run_id"]), CURVE_KEYS)
         for name, group in sorted(runs.groupby("tags.dataset"), key=lambda item: item[0]):
             group = group.reset_index(drop=True)
             table = leaderboard(group, curves)
             boards[name] = table
-            (out / "leaderboards").mkdir(parents=True, exist_ok=True)
             table.to_csv(out / "leaderboards" / f"{name}.csv", index=False)
             (out / "leaderboards" / f"{name}.md").write_text(table.to_markdown(index=False) + "\n")
             own = curves[curves["run_id"].isin(table["run_id"])].copy()
             own["cell"] = own["run_id"].map(dict(zip(table["run_id"], table["cell"], strict=True)))
             wide = own.pivot_table(index=["run_id", "cell", "step"], columns="key", values="value").reset_index()
             wide.insert(3, "epoch", wide.pop("step") + 1)
-            (out / "curves").mkdir(parents=True, exist_ok=True)
             wide.to_csv(out / "curves" / f"{name}.csv", index=False)
             figures = [
                 plot_curves(name, table, own, out / "figures"),

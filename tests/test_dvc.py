@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,11 +43,11 @@ def repo_copy(tmp_path: Path) -> Path:
     shutil.rmtree(dest / "data", ignore_errors=True)
     (dest / "dvc.lock").unlink(missing_ok=True)
     dvc_yaml = dest / "dvc.yaml"
-    text = dvc_yaml.read_text()
-    assert "python -m pipeline.train +experiment=toy_dynamic export=true\n" in text
-    dvc_yaml.write_text(
-        text.replace("+experiment=toy_dynamic export=true\n", "+experiment=toy_dynamic export=true trainer=smoke\n")
+    text, smoked = re.subn(
+        r"(python -m pipeline\.train \+experiment=\w+ export=true)\n", r"\1 trainer=smoke\n", dvc_yaml.read_text()
     )
+    assert smoked == 4, "every train stage gets the smoke budget"
+    dvc_yaml.write_text(text)
     sh("git", "init", "-q", cwd=dest)
     return dest
 
@@ -72,6 +73,25 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(repo_copy):
     lstm.write_text(lstm.read_text().replace("units: 64 ", "units: 32 "))
     third = sh(str(BIN / "dvc"), "repro", "train_toy", cwd=repo_copy)
     assert "Running stage 'train_toy'" in third and "Running stage 'prepare_toy'" not in third
+
+
+@needs_mirror
+def test_the_whole_default_pipeline_on_the_real_data_then_a_no_op(repo_copy):
+    """`make run`'s `dvc repro`, every stage on the real datasets, with the smoke training budget (the full budget
+    takes 7-12 minutes here: `make run`)."""
+    mirror = {"RNNLAB_DATA_MIRROR": str(mirror_path())}
+    first = sh(str(BIN / "dvc"), "repro", cwd=repo_copy, **mirror)
+    for name in ("ptb", "imdb", "mnist"):
+        assert f"Running stage 'download_{name}'" in first and f"Running stage 'prepare_{name}'" in first
+    for name in ("toy", "mnist", "imdb", "ptb"):
+        assert f"Running stage 'train_{name}'" in first
+        metrics = json.loads((repo_copy / f"reports/metrics/{name}.json").read_text())
+        assert metrics["epochs"] == 2, name
+        assert (repo_copy / f"models/{name}.keras").exists()
+    assert json.loads((repo_copy / "reports/metrics/ptb.json").read_text())["test/perplexity"] > 1
+    assert "Running stage 'report'" in first and (repo_copy / "reports/README.md").exists()
+    second = sh(str(BIN / "dvc"), "repro", cwd=repo_copy, **mirror)
+    assert "Data and pipelines are up to date." in second and "Running stage" not in second
 
 
 @needs_mirror

@@ -104,3 +104,16 @@ def test_leaderboards_plots_and_readme(store, make_cfg, tmp_path):
 def test_report_on_an_empty_store_says_what_to_do(make_cfg, tmp_path):
     assert report.run(make_cfg()) == {}
     assert "No finished runs yet" in (tmp_path / "reports" / "README.md").read_text()
+    for folder in ("leaderboards", "curves", "figures"):  # DVC's declared outputs exist, empty
+        assert (tmp_path / "reports" / folder).is_dir()
+
+
+def test_report_with_only_capped_runs_says_how_to_include_them(make_cfg, tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    toy = client.create_experiment("rnnlab-toy", artifact_location=(tmp_path / "a").as_uri())
+    experiment_id_names[toy] = "toy"
+    add_run(client, toy, "smoke", "lstm", 1, [0.5], 0.99, capped=True)
+    assert report.run(make_cfg()) == {}
+    readme = (tmp_path / "reports" / "README.md").read_text()
+    assert "1 finished run(s) had a step cap" in readme and "report.include_capped=true" in readme
+    assert report.run(make_cfg("report.include_capped=true"))["toy"]["run"].tolist() == ["smoke"]
