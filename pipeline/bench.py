@@ -241,8 +241,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.reports)
     data.write_json(out / "bench.json", results)
     table = pd.DataFrame(results["cases"])
-    extras = [results["cpu_bf16"] or "", "GPU" if results["gpu"] else ""]
-    machine = ", ".join([results["cpu"], *filter(None, extras)])
+    machine = ", ".join(filter(None, [results["cpu"], results["cpu_bf16"], "GPU" if results["gpu"] else None]))
     lines = ["# Benchmark", "", f"{machine}; Python {results['python']}, Keras {results['keras']}", ""]
     if not table.empty:
         lines += [table.to_markdown(index=False), ""]
