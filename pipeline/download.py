@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline import config
-from pipeline.data import imdb, mnist, ptb
+from pipeline.data import DataError, imdb, mnist, ptb
 from pipeline.data.fetch import DownloadError
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def run(cfg: DictConfig) -> list[Path]:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except DownloadError as err:
-        log.error("%s", err)
+    except (DownloadError, DataError) as err:
+        log.error("%s", err)  # what was tried and how to fix it, no traceback
         sys.exit(1)
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from pipeline import config, tracking
+from pipeline.redaction import redact
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -141,17 +142,60 @@ def save(fig: Any, path: Path) -> Path:
     return path
 
 
+# The files the report writes, by folder: a report run owns every file matching these and nothing else there.
+OWNED = {
+    "leaderboards": ("*.md", "*.csv"),
+    "curves": ("*.csv",),
+    "figures": ("*_curves.png", "*_size.png", "*_speed.png"),
+}
+
+
+def write_dataset(name: str, runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """One dataset's leaderboard (Markdown, CSV), curves (CSV) and figures; return the table and the files."""
+    table = leaderboard(runs.reset_index(drop=True), curves)
+    files = [out / "leaderboards" / f"{name}.csv", out / "leaderboards" / f"{name}.md", out / "curves" / f"{name}.csv"]
+    table.to_csv(files[0], index=False)
+    files[1].write_text(table.to_markdown(index=False) + "\n")
+    own = curves[curves["run_id"].isin(table["run_id"])].copy()
+    own["cell"] = own["run_id"].map(dict(zip(table["run_id"], table["cell"], strict=True)))
+    wide = own.pivot_table(index=["run_id", "cell", "step"], columns="key", values="value").reset_index()
+    wide.insert(3, "epoch", wide.pop("step") + 1)
+    wide.to_csv(files[2], index=False)
+    files += [plot_curves(name, table, own, out / "figures"), *plot_size_and_speed(name, table, out / "figures")]
+    return table, files
+
+
+def remove_stale(out: Path, written: list[Path]) -> list[Path]:
+    """Delete the report's own files that this report did not write (a dataset whose runs are gone), so that the
+    leaderboards, curves and figures always match README.md. Other files in those folders are left alone."""
+    keep = {path.resolve() for path in written}
+    stale = sorted(
+        path
+        for folder, patterns in OWNED.items()
+        for pattern in patterns
+        for path in (out / folder).glob(pattern)
+        if path.is_file() and path.resolve() not in keep
+    )
+    for path in stale:
+        path.unlink()
+        log.info("removed %s: not part of this report", path)
+    return stale
+
+
 def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
-    """Write a leaderboard per dataset, the plots and ``reports/README.md``; return the leaderboards."""
+    """Write a leaderboard per dataset, the plots and ``reports/README.md``, and remove the previous report's
+    files that this one does not replace; return the leaderboards."""
     out = Path(cfg.paths.reports)
-    for folder in ("leaderboards", "curves", "figures"):  # DVC's outputs, even when there is nothing to put in them
+    for folder in OWNED:  # DVC's outputs, even when there is nothing to put in them
         (out / folder).mkdir(parents=True, exist_ok=True)
     runs = tracking.finished_runs(cfg.tracking.uri, cfg.report.experiments)
     finished = len(runs)
     if not runs.empty and not cfg.report.include_capped and "params.trainer.max_steps_per_epoch" in runs:
         runs = runs[runs["params.trainer.max_steps_per_epoch"].isin(["None", None])]
     boards: dict[str, pd.DataFrame] = {}
-    sections = ["# rnnlab report", "", f"Runs from `{cfg.tracking.uri}` (experiments `{cfg.report.experiments}`)."]
+    written: list[Path] = []
+    where = redact(cfg.tracking.uri)
+    sections = ["# rnnlab report", "", f"Runs from `{where}` (experiments `{cfg.report.experiments}`)."]
     if runs.empty or "tags.dataset" not in runs:
         sections.append(
             f"\nNo full-budget runs: {finished} finished run(s) had a step cap (e.g. trainer=smoke); "
@@ -162,22 +206,11 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
     else:
         curves = tracking.metric_histories(cfg.tracking.uri, list(runs["run_id"]), CURVE_KEYS)
         for name, group in sorted(runs.groupby("tags.dataset"), key=lambda item: item[0]):
-            group = group.reset_index(drop=True)
-            table = leaderboard(group, curves)
-            boards[name] = table
-            table.to_csv(out / "leaderboards" / f"{name}.csv", index=False)
-            (out / "leaderboards" / f"{name}.md").write_text(table.to_markdown(index=False) + "\n")
-            own = curves[curves["run_id"].isin(table["run_id"])].copy()
-            own["cell"] = own["run_id"].map(dict(zip(table["run_id"], table["cell"], strict=True)))
-            wide = own.pivot_table(index=["run_id", "cell", "step"], columns="key", values="value").reset_index()
-            wide.insert(3, "epoch", wide.pop("step") + 1)
-            wide.to_csv(out / "curves" / f"{name}.csv", index=False)
-            figures = [
-                plot_curves(name, table, own, out / "figures"),
-                *plot_size_and_speed(name, table, out / "figures"),
-            ]
+            table, files = write_dataset(name, group, curves, out)
+            boards[name], written = table, written + files
             sections += [f"\n## {name}\n", table.drop(columns=["run_id"]).to_markdown(index=False), ""]
-            sections += [f"![{p.stem}](figures/{p.name})" for p in figures]
+            sections += [f"![{p.stem}](figures/{p.name})" for p in files if p.suffix == ".png"]
+    remove_stale(out, written)
     (out / "README.md").write_text("\n".join(sections) + "\n")
     log.info("report for %s -> %s", sorted(boards), out)
     return boards

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from typing import Any
 
 import keras
@@ -18,16 +19,29 @@ from omegaconf import DictConfig
 
 from pipeline import models
 from pipeline.data import Dataset
+from pipeline.generate import generate
 
 log = logging.getLogger(__name__)
 
 
+SAMPLE_PRIME = "the company said"  # the language model's sample text each epoch starts here
 NO_AUTOTUNE = tf.data.Options()
 NO_AUTOTUNE.autotune.enabled = False  # see Task.run_batches
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
+
+
+FIXES = "lower optimizer.learning_rate, set optimizer.clip_global_norm, or check the data for NaNs"
+
+
+def check_finite(metrics: dict[str, float], when: str) -> None:
+    """A metric that is NaN or infinite means the run diverged: stop it (FAILED), never finish it as if it worked."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise TrainingError(f"training diverged: {shown} at {when}: {FIXES}.")
 
 
 def lm_windows(ids: np.ndarray, batch_size: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,15 +164,56 @@ class Task:
                 logs = step(iterator)
                 first, done = done + 1, min(done + model.steps_per_execution, end)
                 loss = float(logs["loss"])
-                if training and not math.isfinite(loss):
-                    where = f"batch {done}" if first == done else f"batches {first}-{done}"
-                    raise TrainingError(
-                        f"loss became {loss} at epoch {epoch + 1}, {where}: lower optimizer.learning_rate, set "
-                        "optimizer.clip_global_norm, or check the data for NaNs."
+                if training:
+                    self.check_loss(
+                        loss, f"epoch {epoch + 1}, " + (f"batch {done}" if first == done else f"batches {first}-{done}")
                     )
                 if progress is not None:
                     progress.update(done, [("loss", loss)])
         return {k: float(v) for k, v in model.get_metrics_result().items()}
+
+    def chance_loss(self) -> float:
+        """The loss of a model that knows nothing (uniform over the classes): where training starts, and the
+        divergence guard's reference."""
+        return math.log(self.dataset.meta["num_classes"])
+
+    def check_loss(self, loss: float, where: str) -> None:
+        """Stop on a NaN or infinite loss, or one ``trainer.divergence_factor`` times the chance-level loss."""
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss became {loss} at {where}: {FIXES}.")
+        factor, chance = self.cfg.trainer.divergence_factor, self.chance_loss()
+        if factor and loss > factor * chance:
+            raise TrainingError(
+                f"training diverged: loss {loss:.4g} at {where} is over {factor:g} times the loss of guessing "
+                f"({chance:.4g}): {FIXES} (trainer.divergence_factor sets the limit; null turns it off)."
+            )
+
+    def fit_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch and validate: the epoch's metrics, learning rate and throughput, all finite."""
+        schedule = models.lr_schedule(self.cfg.optimizer)
+        self.model.optimizer.learning_rate.assign(schedule(epoch))
+        started = time.perf_counter()
+        metrics = self.train_epoch(epoch, self.cfg.trainer.verbose)
+        seconds = time.perf_counter() - started
+        metrics.update(self.evaluate("val"))
+        check_finite(metrics, f"epoch {epoch + 1}")
+        metrics["train/learning_rate"] = float(schedule(epoch))
+        metrics["perf/epoch_seconds"] = seconds
+        metrics[f"perf/{self.unit}_per_sec"] = self.units(self.train_arrays(epoch)[0]) / max(seconds, 1e-9)
+        return metrics
+
+    def epoch_texts(self, epoch: int) -> dict[str, str]:
+        """Text artifacts to log after an epoch, by path (none for a classifier)."""
+        return {}
+
+    def restore(self, checkpoint: Any, tracker: Any) -> list[dict[str, float]]:
+        """Continue from a checkpoint: its model (with optimizer and dropout states) replaces ours; the epochs it
+        holds that never reached the store are logged now. Returns the history so far."""
+        self.model, start, history = checkpoint.load()
+        tracker.set_tags({"resumed_at_epoch": start})
+        tracker.log_missing(history, probe="train/loss")
+        log.info("resuming run %s after epoch %d from %s", tracker.run_id, start, checkpoint.folder)
+        return history
 
     def train_epoch(self, epoch: int, verbose: int = 0) -> dict[str, float]:
         """One pass over the training data, in this epoch's (seeded) order; returns the epoch's train metrics."""
@@ -220,6 +275,9 @@ class LanguageModel(Task):
     def units(self, x: np.ndarray) -> int:
         return int(x.size)
 
+    def chance_loss(self) -> float:
+        return self.steps * math.log(self.dataset.meta["vocab_size"])  # the loss is summed over a window
+
     def train_epoch(self, epoch: int, verbose: int = 0) -> dict[str, float]:
         models.reset_states(self.model)
         try:
@@ -233,6 +291,17 @@ class LanguageModel(Task):
             return super().evaluate(split)
         finally:
             models.reset_states(self.model)
+
+    def epoch_texts(self, epoch: int) -> dict[str, str]:
+        """Greedy and sampled continuations of a fixed prime: a readable check of what the model has learnt."""
+        words = self.cfg.trainer.generate_words
+        if not words:
+            return {}
+        model, vocab = self.export_model(), self.dataset.vocab
+        greedy = generate(model, vocab, SAMPLE_PRIME, words, strategy="greedy")
+        sampled = generate(model, vocab, SAMPLE_PRIME, words, strategy="sample", seed=epoch)
+        text = f"greedy: {SAMPLE_PRIME} {' '.join(greedy)}\nsample: {SAMPLE_PRIME} {' '.join(sampled)}\n"
+        return {f"samples/epoch_{epoch + 1:03d}.txt": text}
 
     def export_model(self) -> keras.Model:
         """A stateless copy with the trained weights: any batch, any length, starting from a zero state."""

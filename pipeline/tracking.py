@@ -5,16 +5,21 @@ Nothing else in the package imports mlflow, so a tracking change (a server, anot
 
 from __future__ import annotations
 
-import functools
+import base64
+import fcntl
 import logging
 import os
+import socket
+import sqlite3
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -24,72 +29,54 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
+from mlflow.entities import Metric, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipeline.redaction import redact, redact_file, redacted  # noqa: E402
+
 log = logging.getLogger(__name__)
 
-# Keras history key -> our metric name. Everything we log uses the `<split>/<metric>` scheme.
-KERAS_METRICS = {
-    "loss": "train/loss",
-    "accuracy": "train/accuracy",
-    "val_loss": "val/loss",
-    "val_accuracy": "val/accuracy",
-    "learning_rate": "train/learning_rate",
-}
-
-
-_interrupted = False
-_writing = 0  # store writes under way (nested)
-_deferred = False  # an interrupt came during one: raise it when the write is done
-
-
-def note_interrupt() -> bool:
-    """Record that the process was told to stop (SIGTERM), so the run ends KILLED even if the interruption
-    surfaces as another exception inside a library. Returns whether to interrupt now: not in the middle of a
-    store write, which an exception cut in half could leave the store's session unable to mark the run KILLED."""
-    global _interrupted, _deferred
-    _interrupted = True
-    if _writing:
-        _deferred = True
-        return False
-    return True
-
-
-def _store_write(method):
-    """A Tracker method that writes to the store: a SIGTERM during it takes effect when it returns."""
-
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        global _writing, _deferred
-        _writing += 1
-        try:
-            return method(*args, **kwargs)
-        finally:
-            _writing -= 1
-            if not _writing and _deferred:
-                _deferred = False
-                raise KeyboardInterrupt("SIGTERM during a store write")
-
-    return wrapper
+ERROR_TAG_CHARS = 5000  # MLflow tag values hold at most 8,000 characters
 
 
 class TrackingError(RuntimeError):
-    """The tracking store failed mid-run; the message says what is kept and how to continue."""
+    """The tracking store failed or cannot be used; the message names the store and what to do."""
 
 
-def redact(value: Any) -> Any:
-    """A URI with its password replaced by ``***`` (``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``);
-    anything else unchanged. Credentials must never reach params, artifacts or logs."""
-    if not isinstance(value, str) or "://" not in value or "@" not in value:
-        return value
-    parts = urlsplit(value)
-    if parts.password is None:
-        return value
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+class Interrupts:
+    """Whether the process was told to stop (SIGTERM), shared by the signal handler and the run it stops.
+
+    A SIGTERM in the middle of a store write is held until the write is done: an exception that cut the write in
+    half could leave the store's session unable to mark the run KILLED."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: int | None = None
+        self._writing = 0  # store writes under way (nested)
+        self._deferred = False  # an interrupt came during one: raise it when the write is done
+
+    def note(self, signum: int | None = None) -> bool:
+        """Record the request; return whether to interrupt now (not in the middle of a store write)."""
+        self.requested, self.signal = True, signum
+        if self._writing:
+            self._deferred = True
+            return False
+        return True
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """A store write: an interrupt noted during it is raised once it is done."""
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+            if not self._writing and self._deferred:
+                self._deferred = False
+                raise KeyboardInterrupt("SIGTERM during a store write")
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -102,15 +89,6 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = redact(value)
     return out
-
-
-def redacted(cfg: Any) -> Any:
-    """A plain copy of a resolved config with every credential redacted (for the config.yaml artifact)."""
-    if isinstance(cfg, Mapping):
-        return {k: redacted(v) for k, v in cfg.items()}
-    if isinstance(cfg, list):
-        return [redacted(v) for v in cfg]
-    return redact(cfg)
 
 
 def git_state(root: str | Path) -> tuple[str, bool]:
@@ -130,42 +108,173 @@ def git_state(root: str | Path) -> tuple[str, bool]:
     return commit, bool(status.strip())
 
 
-def keras_to_metric_names(logs: Mapping[str, float]) -> dict[str, float]:
-    """Rename Keras' log keys (``val_loss``) to ours (``val/loss``); unknown keys keep a ``train/`` prefix."""
-    out = {}
-    for key, value in logs.items():
-        name = KERAS_METRICS.get(key)
-        if name is None:
-            name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
-        out[name] = float(value)
-    return out
+def run_tags(cfg: DictConfig, fingerprint: str, data_digest: str, params_count: int, precision: str) -> dict:
+    """What a run is, as tags to filter and group by: dataset, cell, seed, the code and data versions, size."""
+    commit, dirty = git_state(cfg.paths.root)
+    return {
+        "dataset": cfg.data.name,
+        "cell": ("bi" if cfg.model.bidirectional else "") + cfg.model.cell,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "data_digest": data_digest,
+        "seed": cfg.seed,
+        "config_hash": fingerprint,
+        "params_count": params_count,
+        "precision": precision,
+    }
+
+
+# --- the store -----------------------------------------------------------------------------------------------------
+
+
+def _store_problem(uri: str, timeout: float) -> str | None:
+    """What stops the store at ``uri`` from being used, in words with the fix; None when it looks usable.
+
+    Checked before any run starts, so that a wrong, read-only, corrupt or unreachable store costs seconds and one
+    line, not a traceback after minutes of MLflow's retries."""
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite":
+        return _sqlite_problem(unquote(parts.path[1:]) if parts.path.startswith("/") else parts.path)
+    if parts.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(_health_request(parts), timeout=timeout) as response:
+                if response.status == 200:
+                    return None
+                return f"it answered /health with HTTP {response.status}: is it an MLflow server?"
+        except urllib.error.HTTPError as err:
+            return f"it answered /health with HTTP {err.code}: is it an MLflow server?"
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            return f"no answer within {timeout:g} s ({reason}): start it (`make server`) or fix the URI"
+    if parts.hostname:  # a database URI: the host must at least accept connections
+        try:
+            socket.create_connection((parts.hostname, parts.port or 5432), timeout=timeout).close()
+        except OSError as err:
+            return f"cannot connect to {parts.hostname}:{parts.port} ({err}): start the database or fix the URI"
+    return None
+
+
+def _health_request(parts) -> urllib.request.Request:
+    """GET <server>/health, the credentials of ``user:password@`` sent as HTTP basic auth (as MLflow sends them)."""
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    url = parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health", query="", fragment="").geturl()
+    request = urllib.request.Request(url)
+    if parts.username is not None:
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _sqlite_problem(path: str) -> str | None:
+    if not path or path == ":memory:":
+        return "an in-memory store keeps nothing: name a file, sqlite:////absolute/path/mlflow.db"
+    db = Path(path)
+    if not db.is_absolute():
+        return (
+            f"the path {path!r} is relative, so it would depend on the working directory: "
+            f"write it absolute, sqlite:///{Path(path).resolve()}"
+        )
+    if not db.parent.is_dir():
+        return f"its folder {db.parent} does not exist: create it, or fix tracking.uri"
+    if not db.exists():
+        return None if os.access(db.parent, os.W_OK) else f"its folder {db.parent} is not writable"
+    if not os.access(db, os.R_OK | os.W_OK) or not os.access(db.parent, os.W_OK):
+        return "it is read-only (the file or its folder): fix the permissions, or point tracking.uri elsewhere"
+    with open(db, "rb") as fh:
+        header = fh.read(16)
+    if header and header != b"SQLite format 3\x00":
+        return "the file is not an SQLite database: move it away (MLflow creates a new store), or fix tracking.uri"
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            conn.execute("select count(*) from sqlite_master").fetchone()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):  # another process is writing to it: busy, not broken
+            return None
+        return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
+    except sqlite3.Error as err:
+        return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
+    return None
+
+
+def connect(cfg: DictConfig) -> MlflowClient:
+    """Check the configured store, bound MLflow's HTTP retries and point MLflow at it; the one client everything
+    writes through. A store that cannot work fails here, in seconds, with one message."""
+    problem = _store_problem(cfg.uri, cfg.connect_timeout)
+    if problem:
+        raise TrackingError(f"the tracking store {redact(cfg.uri)} cannot be used: {problem}")
+    # Transient faults are retried, a bounded number of times (MLflow's defaults wait minutes on a dead server).
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.http_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(cfg.http_timeout))
+    if redact(cfg.uri) != cfg.uri:  # MLflow prints run and model links with the URI: not with a password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        os.environ["MLFLOW_PRINT_MODEL_URLS_ON_CREATION"] = "false"
+    mlflow.set_tracking_uri(cfg.uri)
+    return MlflowClient(cfg.uri)
+
+
+def use_store(cfg: DictConfig) -> MlflowClient:
+    """Point MLflow at the configured tracking store (reading runs needs no experiment)."""
+    return connect(cfg)
+
+
+def setup_experiment(cfg: DictConfig, client: MlflowClient | None = None) -> str:
+    """The experiment id of ``cfg.experiment``, created if needed with an explicit artifact location (MLflow's
+    default would be ``./mlruns`` under whatever the working directory is)."""
+    client = client or connect(cfg)
+    try:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        if not cfg.artifact_location:  # a tracking server with proxied artifacts decides
+            return client.create_experiment(cfg.experiment)
+        location = Path(cfg.artifact_location)
+        location.mkdir(parents=True, exist_ok=True)
+        return client.create_experiment(cfg.experiment, artifact_location=location.resolve().as_uri())
+    except (MlflowException, OSError) as err:
+        raise TrackingError(f"the tracking store {redact(cfg.uri)} failed: {_short(err)}") from err
+
+
+def _short(err: BaseException) -> str:
+    return redact(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300])
+
+
+# --- runs ----------------------------------------------------------------------------------------------------------
 
 
 class Tracker:
-    """One MLflow run. ``enabled=False`` keeps the interface and logs nothing (training without a store)."""
+    """One MLflow run, written through one client. ``enabled=False`` keeps the interface and logs nothing."""
 
-    def __init__(self, client: MlflowClient | None, run_id: str | None):
+    def __init__(self, client: MlflowClient | None, run_id: str | None, interrupts: Interrupts | None = None):
         self.client = client
         self.run_id = run_id
+        self.interrupts = interrupts or Interrupts()
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
-    @_store_write
+    @contextmanager
+    def _write(self, what: str) -> Iterator[None]:
+        """A store write: held from a SIGTERM until done; a store that went away becomes one clear error."""
+        with self.interrupts.writing():
+            try:
+                yield
+            except (KeyboardInterrupt, TrackingError):
+                raise
+            except Exception as err:  # the store went away: say so, loudly, with what is kept
+                raise TrackingError(
+                    f"the tracking store {redact(mlflow.get_tracking_uri())} failed while {what} of run "
+                    f"{self.run_id}: {_short(err)}"
+                ) from err
+
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """All of one step's metrics in one call: one round trip per epoch, which matters with a server."""
         if not self.enabled:
             return
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        try:
+        with self._write(f"logging step {step}"):
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-        except Exception as err:  # the store went away: say so, loudly, with what is kept
-            raise TrackingError(
-                f"the tracking store {redact(mlflow.get_tracking_uri())} failed while logging step {step} of run "
-                f"{self.run_id}: {type(err).__name__}: {str(err)[:300]}"
-            ) from err
 
     def log_missing(self, history: list[Mapping[str, float]], probe: str) -> None:
         """Log the entries of ``history`` (one per step) whose ``probe`` metric never reached the store."""
@@ -176,58 +285,79 @@ class Tracker:
             if step not in logged:
                 self.log_metrics(metrics, step=step)
 
-    @_store_write
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            with self._write("tagging"):
+                batch = [RunTag(k, redact(str(v))) for k, v in tags.items()]
+                self.client.log_batch(self.run_id, tags=batch, synchronous=True)
 
-    @_store_write
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with self._write("logging params"):
+                for chunk in _chunks(list(params.items()), 100):  # MLflow takes at most 100 params per call
+                    self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk])
+
     def log_text(self, text: str, path: str) -> None:
         """A text artifact (e.g. generated samples) at ``path`` inside the run."""
         if self.enabled:
-            mlflow.log_text(text, path)
+            with self._write(f"writing {path}"):
+                self.client.log_text(self.run_id, redact(text), path)
 
-    @_store_write
     def log_model(self, model: keras.Model, example: np.ndarray, extra_files: list[str] | None = None) -> str | None:
         """Log the Keras model with a signature inferred from ``example`` (and files it needs, such as the
-        vocabulary); return its model URI."""
+        vocabulary); return its model URI. Needs the run active in MLflow (``start_run`` makes it so)."""
         if not self.enabled:
             return None
         signature = infer_signature(example, model.predict(example, verbose=0))
-        for path in extra_files or []:
-            mlflow.log_artifact(path)
-        info = mlflow.keras.log_model(model, name="model", signature=signature)
-        return info.model_uri
+        with self._write("logging the model"):
+            for path in extra_files or []:
+                self.client.log_artifact(self.run_id, path)
+            return mlflow.keras.log_model(model, name="model", signature=signature).model_uri
+
+    def fail(self, err: BaseException) -> None:
+        """Keep why the run ended in the run itself (tag ``error`` and the run's description in the UI)."""
+        if not self.enabled:
+            return
+        message = redact(f"{type(err).__name__}: {err}")[:ERROR_TAG_CHARS]
+        try:
+            tags = [RunTag("error", message), RunTag("mlflow.note.content", f"Ended by:\n\n{message}")]
+            self.client.log_batch(self.run_id, tags=tags, synchronous=True)
+        except Exception as store_err:  # the store may be what failed: the console still has the message
+            log.warning("could not record the error in run %s: %s", self.run_id, _short(store_err))
 
 
-def use_store(cfg: DictConfig) -> None:
-    """Point MLflow at the configured tracking store (reading runs needs no experiment)."""
-    mlflow.set_tracking_uri(cfg.uri)
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
-def setup_experiment(cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and return the experiment id, creating it with an explicit
-    artifact location (MLflow's default would be ``./mlruns`` under whatever the working directory is)."""
-    if redact(cfg.uri) != cfg.uri:  # MLflow prints run and model links with the URI: not with a password in it
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-        os.environ["MLFLOW_PRINT_MODEL_URLS_ON_CREATION"] = "false"
-    mlflow.set_tracking_uri(cfg.uri)
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    if not cfg.artifact_location:  # a tracking server with proxied artifacts decides
-        return client.create_experiment(cfg.experiment)
-    location = Path(cfg.artifact_location)
-    location.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(cfg.experiment, artifact_location=location.resolve().as_uri())
+def describe_run(cfg: DictConfig, run_id: str, artifacts: bool = False) -> dict[str, Any]:
+    """What a run is, before anything is read from it: ``status``, ``tags``, ``params`` (and with ``artifacts``
+    its top-level artifact paths); a clear error when the store has no such run."""
+    client = connect(cfg)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise TrackingError(
+            f"no MLflow run {run_id} in {redact(cfg.uri)}: check the id (`make ui` lists the runs) and tracking.uri"
+        ) from err
+    described = {"status": run.info.status, "tags": dict(run.data.tags), "params": dict(run.data.params)}
+    if artifacts:
+        described["artifacts"] = {a.path for a in client.list_artifacts(run_id)}
+    return described
+
+
+def run_state(cfg: DictConfig, run_id: str) -> str:
+    """The status of ``run_id`` (RUNNING, FINISHED, FAILED, KILLED); a clear error if the store has no such run."""
+    return describe_run(cfg, run_id)["status"]
 
 
 def find_resumable(cfg: DictConfig, fingerprint: str) -> str | None:
     """The newest run of this experiment with the same config fingerprint that did not finish, or None."""
-    setup_experiment(cfg.tracking)
-    runs = MlflowClient().search_runs(
-        [MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+    client = connect(cfg.tracking)
+    experiment_id = setup_experiment(cfg.tracking, client)
+    runs = client.search_runs(
+        [experiment_id],
         filter_string=f"tags.config_hash = '{fingerprint}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
@@ -235,48 +365,109 @@ def find_resumable(cfg: DictConfig, fingerprint: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+class RunLock:
+    """An exclusive lock on one run held by the process that trains it (``<checkpoints>/<run id>.lock``), so a
+    resume can tell a live run from a crashed one. The kernel drops it when the process dies, kill -9 included."""
+
+    def __init__(self, folder: str | Path, run_id: str):
+        self.path = Path(folder) / f"{run_id}.lock"
+        self._fh = None
+
+    def holder(self) -> str | None:
+        """Who holds the lock ("pid N since T"), or None when nobody does."""
+        if not self.path.exists():
+            return None
+        with open(self.path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                return fh.read().strip() or "another process"
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")  # noqa: SIM115 (held for the whole run)
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            self._fh = None
+            raise
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._fh.flush()
+        return self
+
+    def release(self, remove: bool = True) -> None:
+        if self._fh is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            self._fh.close()
+            self._fh = None
+
+
 @contextmanager
-def start_run(cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | None = None) -> Iterator[Tracker]:
+def start_run(
+    cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | None = None, interrupts: Interrupts | None = None
+) -> Iterator[Tracker]:
     """An MLflow run holding the flattened resolved config as params, the full config as an artifact, and tags;
     or, with ``resume_run_id``, that earlier run reopened (its params stay as first logged).
 
-    The run ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM, so the UI never shows a run that
-    is neither running nor explained. If the store itself is gone, the original error is what propagates.
+    The run ends FINISHED, FAILED on an exception (the error kept in the run), or KILLED on Ctrl-C/SIGTERM, so the
+    UI never shows a run that is neither running nor explained. If the store itself is gone, the original error
+    is what propagates.
     """
+    interrupts = interrupts or Interrupts()
     if not cfg.tracking.enabled:
-        yield Tracker(None, None)
+        yield Tracker(None, None, interrupts)
         return
-    experiment_id = setup_experiment(cfg.tracking)
-    resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
+    client = connect(cfg.tracking)
+    experiment_id = setup_experiment(cfg.tracking, client)
+    run = _open_run(cfg, client, tags, experiment_id, resume_run_id)
+    tracker = Tracker(client, run.info.run_id, interrupts)
+    try:
+        if not resume_run_id:
+            resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
+            tracker.log_params(flatten(resolved))
+            tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        parent = sweep_parent()
+        sweep_tags = {"sweep": _sweep_name(client, parent), "sweep_parent": parent} if parent else {}
+        tracker.set_tags({**tags, **sweep_tags})
+        verb = "resumed" if resume_run_id else "started"
+        log.info(
+            "MLflow run %s %s in %r at %s", tracker.run_id, verb, cfg.tracking.experiment, redact(cfg.tracking.uri)
+        )
+        yield tracker
+    except BaseException as err:
+        killed = isinstance(err, KeyboardInterrupt) or interrupts.requested
+        if not killed:
+            tracker.fail(err)
+        _end_run("KILLED" if killed else "FAILED")
+        raise
+    _end_run("FINISHED")
+
+
+def _open_run(cfg: DictConfig, client: MlflowClient, tags: Mapping[str, Any], experiment_id: str, resume: str | None):
+    """Start (or reopen) the active MLflow run: a sweep job's run is a child of the sweep's parent run, in the
+    parent's experiment so the UI nests them."""
+    if resume:
+        return mlflow.start_run(run_id=resume)
     parent = sweep_parent()
     # A readable default name; MLflow's generated names repeat here, because every run seeds `random` alike.
     run_name = cfg.tracking.run_name or f"{tags['dataset']}-{tags['cell']}"
     if parent and HydraConfig.initialized():
         run_name = f"{run_name}-job{HydraConfig.get().job.num}"
-    if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id)
-    elif parent:
-        # A sweep's job: a child of the sweep's parent run, in the parent's experiment so the UI nests them.
-        parent_run = MlflowClient().get_run(parent)
-        tags = {**tags, "sweep": parent_run.data.tags.get("sweep", ""), "sweep_parent": parent}
-        run = mlflow.start_run(experiment_id=parent_run.info.experiment_id, run_name=run_name, parent_run_id=parent)
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-    try:
-        tracker = Tracker(MlflowClient(), run.info.run_id)
-        if not resume_run_id:
-            mlflow.log_params(flatten(resolved))
-            mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
-        tracker.set_tags(tags)
-        verb = "resumed" if resume_run_id else "started"
-        where = redact(cfg.tracking.uri)
-        log.info("MLflow run %s %s in %r at %s", run.info.run_id, verb, cfg.tracking.experiment, where)
-        yield tracker
-    except BaseException as err:
-        killed = isinstance(err, KeyboardInterrupt) or _interrupted
-        _end_run("KILLED" if killed else "FAILED")
-        raise
-    _end_run("FINISHED")
+    if parent:
+        parent_experiment = client.get_run(parent).info.experiment_id
+        return mlflow.start_run(experiment_id=parent_experiment, run_name=redact(run_name), parent_run_id=parent)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=redact(run_name))
+
+
+def _sweep_name(client: MlflowClient, parent: str) -> str:
+    return client.get_run(parent).data.tags.get("sweep", "")
 
 
 def _end_run(status: str) -> None:
@@ -284,10 +475,13 @@ def _end_run(status: str) -> None:
     try:
         mlflow.end_run(status=status)
     except Exception as err:  # mlflow has already dropped the run locally: the next run starts clean
-        log.warning("could not mark the MLflow run %s (%s): %s", status, type(err).__name__, str(err)[:200])
+        log.warning("could not mark the MLflow run %s: %s", status, _short(err))
 
+
+# --- sweeps --------------------------------------------------------------------------------------------------------
 
 SWEEP_ENV = "RNNLAB_SWEEP_PARENT_RUN_ID"
+SWEEP_STORE_ENV = "RNNLAB_SWEEP_TRACKING_URI"
 
 
 def sweep_parent() -> str | None:
@@ -296,19 +490,84 @@ def sweep_parent() -> str | None:
 
 
 def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
-    """The sweep's command-line overrides and named sweep parameters, as ``{key: "a,b,c"}``."""
+    """The sweep's command-line overrides and named sweep parameters, as ``{key: "a,b,c"}`` (redacted)."""
     out = {}
     for item in list(hydra_cfg.overrides.task) + [
         f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()
     ]:
         key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = value
+        out[key.lstrip("+~")] = redact(value)
     return out
+
+
+def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = None, uri: str | None = None) -> str:
+    """End a sweep's parent run with the status that tells the truth: KILLED when ``stopped="interrupted"``
+    (children left RUNNING by killed workers are marked KILLED too), FAILED when ``stopped="crashed"`` or when fewer
+    children FINISHED than the ``jobs`` launched (a job can fail before its run exists), else FINISHED."""
+    client = MlflowClient(uri) if uri else MlflowClient()
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    for child in children:
+        if stopped and child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, status="KILLED")
+    finished = sum(client.get_run(c.info.run_id).info.status == "FINISHED" for c in children)
+    jobs = max(jobs or 0, len(children))
+    client.log_batch(
+        parent_id,
+        metrics=[
+            Metric(key, value, int(time.time() * 1000), 0)
+            for key, value in [("sweep/jobs", jobs), ("sweep/children", len(children)), ("sweep/finished", finished)]
+        ],
+    )
+    status = (
+        "KILLED" if stopped == "interrupted" else "FINISHED" if jobs and finished == jobs and not stopped else "FAILED"
+    )
+    client.set_terminated(parent_id, status=status)
+    log.info("sweep %s: %d of %d jobs FINISHED (parent %s)", status, finished, jobs, parent_id)
+    return status
+
+
+def abandon_sweep(interrupted: bool) -> None:
+    """The sweep of this process stopped before Hydra's end-of-sweep callback: end its parent run truthfully."""
+    parent = os.environ.pop(SWEEP_ENV, None)
+    if not parent:
+        return
+    try:
+        finish_sweep(parent, stopped="interrupted" if interrupted else "crashed", uri=os.environ.get(SWEEP_STORE_ENV))
+    except Exception as err:  # the store may be why the sweep stopped
+        log.warning("could not end the sweep's parent run %s: %s", parent, _short(err))
+
+
+NAME_CHARS = 250  # MLflow's limit on run names and tag keys' values in SQL stores
+
+
+def start_sweep(config: DictConfig) -> str:
+    """Create a sweep's parent run, named after the sweep (or its overrides), the overrides as params."""
+    overrides = sweep_overrides(config.hydra)
+    # Children of a sweep over datasets would otherwise land in several experiments: keep them together.
+    tracking_cfg = OmegaConf.to_container(config.tracking, resolve=True)
+    if "data" in overrides and "," in overrides["data"]:
+        tracking_cfg["experiment"] = "rnnlab-sweeps"
+    client = connect(OmegaConf.create(tracking_cfg))
+    experiment_id = setup_experiment(OmegaConf.create(tracking_cfg), client)
+    shown = " ".join(f"{k}={v}" for k, v in overrides.items() if not k.startswith(("paths.", "hydra")))
+    name = redact(config.tracking.sweep_name or f"sweep {shown}")[:NAME_CHARS]
+    run = client.create_run(experiment_id, run_name=name, tags={"sweep": name, "sweep_role": "parent"})
+    params = [mlflow.entities.Param(k, v[:6000]) for k, v in overrides.items()]
+    for chunk in _chunks(params, 100):
+        client.log_batch(run.info.run_id, params=chunk)
+    log.info("sweep %r: MLflow parent run %s", name, run.info.run_id)
+    return run.info.run_id
+
+
+class SweepFailed(SystemExit):
+    """A sweep in which some job did not finish: the process exits non-zero."""
 
 
 class SweepCallback(Callback):
     """Hydra callback: a multirun becomes one MLflow parent run, named after the sweep with the overrides as
-    params; each job's run is its child (see ``start_run``). The parent ends FINISHED when every child did."""
+    params; each job's run is its child (see ``start_run``). The parent ends FINISHED when every child did,
+    FAILED (and the command exits 1) otherwise. Hydra's saved configs are rewritten without credentials."""
 
     def __init__(self) -> None:
         self.parent: str | None = None
@@ -316,43 +575,44 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
             return
-        overrides = sweep_overrides(config.hydra)
-        # Children of a sweep over datasets would otherwise land in several experiments: keep them together.
-        tracking_cfg = OmegaConf.to_container(config.tracking, resolve=True)
-        if "data" in overrides and "," in overrides["data"]:
-            tracking_cfg["experiment"] = "rnnlab-sweeps"
-        experiment_id = setup_experiment(OmegaConf.create(tracking_cfg))
-        name = config.tracking.sweep_name or "sweep " + " ".join(f"{k}={v}" for k, v in overrides.items())
-        client = MlflowClient()
-        run = client.create_run(experiment_id, run_name=name, tags={"sweep": name, "sweep_role": "parent"})
-        for key, value in overrides.items():
-            client.log_param(run.info.run_id, key, value)
-        self.parent = run.info.run_id
+        try:
+            self.parent = start_sweep(config)
+        except Exception as err:  # Hydra would only warn and run the jobs without a parent: stop instead
+            log.error("the sweep cannot start its MLflow parent run: %s", _short(err))
+            raise SweepFailed(1) from err
         os.environ[SWEEP_ENV] = self.parent  # inherited by the jobs, in this process or the launcher's workers
-        log.info("sweep %r: MLflow parent run %s", name, self.parent)
+        os.environ[SWEEP_STORE_ENV] = config.tracking.uri
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Hydra has just saved this job's configs and the sweep's: mask any credential in them."""
+        output = Path(config.hydra.runtime.output_dir)
+        if config.hydra.output_subdir is not None:
+            for path in (output / config.hydra.output_subdir).glob("*.yaml"):
+                redact_file(path)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
         if not self.parent:
             return
-        client = MlflowClient()
-        parent = client.get_run(self.parent)
-        children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent}'"
-        )
-        statuses = [c.info.status for c in children]
-        client.log_metric(self.parent, "sweep/children", len(children))
-        client.log_metric(self.parent, "sweep/finished", statuses.count("FINISHED"))
-        ok = bool(children) and all(s == "FINISHED" for s in statuses)
-        client.set_terminated(self.parent, status="FINISHED" if ok else "FAILED")
+        jobs = sum(p.is_dir() and p.name.isdigit() for p in Path(config.hydra.sweep.dir).iterdir())
+        status = finish_sweep(self.parent, jobs)
         os.environ.pop(SWEEP_ENV, None)
-        log.info(
-            "sweep finished: %d of %d runs FINISHED (parent %s)", statuses.count("FINISHED"), len(children), self.parent
-        )
+        os.environ.pop(SWEEP_STORE_ENV, None)
+        if status != "FINISHED":
+            log.error(
+                "sweep FAILED: not every job finished (parent run %s); see the FAILED runs' error tag", self.parent
+            )
+            raise SweepFailed(1)
 
 
 def finished_runs(tracking_uri: str, experiment_pattern: str) -> pd.DataFrame:
     """Every FINISHED training run (sweep parents left out) of the experiments matching ``experiment_pattern``
     (SQL LIKE, e.g. ``rnnlab-%``), one row each with ``params.*``, ``metrics.*`` and ``tags.*`` columns."""
+    problem = _store_problem(tracking_uri, timeout=10)
+    if problem:
+        raise TrackingError(f"the tracking store {redact(tracking_uri)} cannot be used: {problem}")
     mlflow.set_tracking_uri(tracking_uri)
     experiments = mlflow.search_experiments(filter_string=f"name LIKE '{experiment_pattern}'")
     if not experiments:
@@ -386,9 +646,15 @@ def load_model(uri: str) -> keras.Model:
     return mlflow.keras.load_model(uri)
 
 
-def run_of_model(uri: str) -> str:
-    """The run id that logged the model at ``uri``."""
-    return mlflow.models.get_model_info(uri).run_id
+def run_of_model(cfg: DictConfig, uri: str) -> str:
+    """The run id that logged the model at ``uri``; a clear error naming the store when there is no such model."""
+    connect(cfg)
+    try:
+        return mlflow.models.get_model_info(uri).run_id
+    except (MlflowException, OSError) as err:
+        raise TrackingError(
+            f"no MLflow model {uri} in {redact(cfg.uri)}: check the URI (runs:/<run id>/model or models:/<model id>)"
+        ) from err
 
 
 def download_artifact(run_id: str, path: str) -> Path:

@@ -9,36 +9,41 @@ python -m pipeline.train +experiment=ptb_small trainer.resume=true   # continue 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
+import shlex
 import shutil
 import signal
-import time
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import keras
-import numpy as np
 import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from pipeline import config, data, models, tasks, tracking
-from pipeline.generate import generate
+from pipeline import config, data, tasks, tracking
+from pipeline.checkpoint import Checkpoint, CheckpointError, save_model_atomic
+from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
 
 config.register()
 
-SAMPLE_PRIME = "the company said"
-
-
 TrainingError = tasks.TrainingError
+USER_ERRORS = (TrainingError, tracking.TrackingError, data.DataError, config.ConfigError, CheckpointError)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C, SIGTERM); carries the run to continue."""
+
+    def __init__(self, run_id: str | None, epochs_done: int, signum: int | None):
+        super().__init__(run_id)
+        self.run_id, self.epochs_done, self.signum = run_id, epochs_done, signum
 
 
 def setup_runtime(cfg: DictConfig) -> None:
@@ -54,11 +59,11 @@ def setup_runtime(cfg: DictConfig) -> None:
 
 
 @contextmanager
-def sigterm_as_interrupt():
+def sigterm_as_interrupt(interrupts: tracking.Interrupts):
     """SIGTERM (a scheduler, `kill`) ends training like Ctrl-C: the run is marked KILLED, the checkpoint kept."""
 
     def handler(signum, frame):
-        if tracking.note_interrupt():
+        if interrupts.note(signum):
             raise KeyboardInterrupt(f"signal {signum}")
 
     try:
@@ -72,151 +77,136 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def rng_states(model: keras.Model) -> list:
-    """The dropout layers' random-generator states: Keras' model files do not restore them, so a resumed run
-    would draw other dropout masks than the uninterrupted one."""
-    return [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
+def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracking.RunLock | None]:
+    """The run to continue (``trainer.resume_run_id``, or with ``trainer.resume`` the newest unfinished run of the
+    same config) and its lock, held from now on; (None, None) to start afresh.
 
-
-class Checkpoint:
-    """The last finished epoch of a run: the whole model with its optimizer state (``model.keras``), and the
-    metrics so far with the random-generator states (``state.json``). Both are replaced atomically, so an
-    interruption never leaves half of one."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.model_path = folder / "model.keras"
-        self.state_path = folder / "state.json"
-
-    def exists(self) -> bool:
-        return self.model_path.exists() and self.state_path.exists()
-
-    def save(self, model: keras.Model, epoch: int, history: list[dict[str, float]]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / ".partial.keras"
-        model.save(tmp)
-        os.replace(tmp, self.model_path)
-        rng = [np.asarray(v).tolist() for v in rng_states(model)]
-        data.write_json(self.state_path, {"epochs_done": epoch + 1, "history": history, "rng": rng})
-
-    def load(self) -> tuple[keras.Model, int, list[dict[str, float]]]:
-        state = json.loads(self.state_path.read_text())
-        model = keras.models.load_model(self.model_path)
-        for variable, value in zip(rng_states(model), state["rng"], strict=True):
-            variable.assign(value)
-        return model, state["epochs_done"], state["history"]
-
-
-def resume_target(cfg: DictConfig, fingerprint: str) -> str | None:
-    """The run to continue: ``trainer.resume_run_id``, or with ``trainer.resume`` the newest unfinished run of the
-    same config; None to start afresh."""
-    if cfg.trainer.resume_run_id:
-        return cfg.trainer.resume_run_id
-    if not cfg.trainer.resume:
-        return None
-    if not cfg.tracking.enabled:
-        raise config.ConfigError("trainer.resume: resuming finds the run in MLflow; set tracking.enabled=true")
-    run_id = tracking.find_resumable(cfg, fingerprint)
-    if run_id is None:
-        log.warning("trainer.resume: no unfinished run with this config (hash %s); starting afresh", fingerprint)
-    return run_id
-
-
-def sample_text(task: tasks.Task, words: int, seed: int) -> str:
-    """Greedy and sampled continuations of a fixed prime: a readable check of what the model has learnt."""
-    model, vocab = task.export_model(), task.dataset.vocab
-    greedy = generate(model, vocab, SAMPLE_PRIME, words, strategy="greedy")
-    sampled = generate(model, vocab, SAMPLE_PRIME, words, strategy="sample", seed=seed)
-    return f"greedy: {SAMPLE_PRIME} {' '.join(greedy)}\nsample: {SAMPLE_PRIME} {' '.join(sampled)}\n"
+    A FINISHED run is complete and never reopened; a run that a live process is training is busy. Both are refused
+    before the run is touched, so a mistaken resume changes nothing in the store."""
+    run_id = cfg.trainer.resume_run_id
+    if not run_id and cfg.trainer.resume:
+        if not cfg.tracking.enabled:
+            raise config.ConfigError("trainer.resume: resuming finds the run in MLflow; set tracking.enabled=true")
+        run_id = tracking.find_resumable(cfg, fingerprint)
+        if run_id is None:
+            log.warning("trainer.resume: no unfinished run with this config (hash %s); starting afresh", fingerprint)
+            return None, None
+    if not run_id:
+        return None, None
+    status = tracking.run_state(cfg.tracking, run_id) if cfg.tracking.enabled else "KILLED"
+    if status == "FINISHED":
+        raise TrainingError(
+            f"run {run_id} is FINISHED: it is complete and is never reopened. To train it further, start a new run "
+            "(drop trainer.resume_run_id / trainer.resume), e.g. with more trainer.epochs."
+        )
+    lock = tracking.RunLock(cfg.paths.checkpoints, run_id)
+    try:
+        lock.acquire()
+    except BlockingIOError:
+        raise TrainingError(
+            f"run {run_id} is being trained right now ({lock.holder() or 'by another process'}): it is busy, not "
+            "interrupted. Wait for it to end, or stop that process (Ctrl-C or `kill <pid>`: the run ends KILLED "
+            "with its checkpoint), then resume it."
+        ) from None
+    folder = Path(cfg.paths.checkpoints) / run_id
+    if not Checkpoint(folder).exists():
+        lock.release()
+        raise TrainingError(
+            f"run {run_id} ({status}) has no complete checkpoint at {folder}: it cannot be resumed. Start a new run."
+        )
+    return run_id, lock
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate on the test split, track everything; return the final metrics and the run id."""
     config.validate(cfg)
-    setup_runtime(cfg)
-    dataset = data.load(cfg.paths.data, cfg.data.name)
-    task = tasks.make(cfg, dataset)
     fingerprint = config.fingerprint(cfg)
-    resume_run_id = resume_target(cfg, fingerprint)
-    commit, dirty = tracking.git_state(cfg.paths.root)
-    tags = {
-        "dataset": cfg.data.name,
-        "cell": ("bi" if cfg.model.bidirectional else "") + cfg.model.cell,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "data_digest": dataset.digest,
-        "seed": cfg.seed,
-        "config_hash": fingerprint,
-        "params_count": task.model.count_params(),
-        "precision": task.precision,
-    }
-    schedule = models.lr_schedule(cfg.optimizer)
-    with sigterm_as_interrupt(), tracking.start_run(cfg, tags, resume_run_id) as tracker:
-        checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (tracker.run_id or f"untracked-{fingerprint}"))
-        start, history = 0, []
-        if resume_run_id:
-            if not checkpoint.exists():
-                raise TrainingError(f"run {resume_run_id} has no checkpoint at {checkpoint.folder}: cannot resume it")
-            task.model, start, history = checkpoint.load()
-            tracker.set_tags({"resumed_at_epoch": start})
-            tracker.log_missing(history, probe="train/loss")  # epochs checkpointed but never logged
-            log.info("resuming run %s after epoch %d from %s", resume_run_id, start, checkpoint.folder)
-        best, waited = min((h["val/loss"] for h in history), default=math.inf), 0
-        epochs = min(cfg.trainer.epochs, cfg.trainer.max_epochs or cfg.trainer.epochs)
-        for epoch in range(start, epochs):
-            task.model.optimizer.learning_rate.assign(schedule(epoch))
-            started = time.perf_counter()
-            metrics = task.train_epoch(epoch, cfg.trainer.verbose)
-            seconds = time.perf_counter() - started
-            metrics.update(task.evaluate("val"))
-            if not math.isfinite(metrics["val/loss"]):
-                raise TrainingError(f"validation loss became {metrics['val/loss']} at epoch {epoch + 1}")
-            x_train, _ = task.train_arrays(epoch)
-            metrics["train/learning_rate"] = float(schedule(epoch))
-            metrics["perf/epoch_seconds"] = seconds
-            metrics[f"perf/{task.unit}_per_sec"] = task.units(x_train) / max(seconds, 1e-9)
-            history.append(metrics)
-            if cfg.trainer.checkpoint:  # first, so the epoch survives a tracking store that fails just now
-                checkpoint.save(task.model, epoch, history)
-            try:
-                tracker.log_metrics(metrics, step=epoch)
-                if isinstance(task, tasks.LanguageModel) and cfg.trainer.generate_words:
-                    sample = sample_text(task, cfg.trainer.generate_words, epoch)
-                    tracker.log_text(sample, f"samples/epoch_{epoch + 1:03d}.txt")
-            except tracking.TrackingError as err:
-                kept = (
-                    f"epoch {epoch + 1} is checkpointed at {checkpoint.folder}"
-                    if cfg.trainer.checkpoint
-                    else ("nothing was checkpointed (trainer.checkpoint=false)")
-                )
-                raise tracking.TrackingError(
-                    f"{err}\nTraining stopped: {kept}. When the store answers again, continue with "
-                    f"trainer.resume_run_id={tracker.run_id}"
-                ) from err
-            log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
-            best, waited = (metrics["val/loss"], 0) if metrics["val/loss"] < best else (best, waited + 1)
-            if cfg.trainer.early_stopping_patience and waited >= cfg.trainer.early_stopping_patience:
-                log.info("early stop: val/loss has not improved for %d epochs", waited)
-                break
-        final = {**task.evaluate("test"), "epochs": len(history)}
-        tracker.log_metrics(final, step=len(history))
-        exported = task.export_model()
-        model_uri = None
-        if cfg.tracking.log_model:
-            vocab_file = data.prepared_dir(cfg.paths.data, cfg.data.name) / "vocab.txt"
-            extra = [str(vocab_file)] if dataset.vocab is not None else []
-            model_uri = tracker.log_model(exported, task.example(), extra_files=extra)
-
+    resume_run_id, lock = resume_target(cfg, fingerprint)  # first: a refused resume costs nothing
+    interrupts = tracking.Interrupts()
+    history: list[dict[str, float]] = []
+    run_id = resume_run_id
+    try:
+        setup_runtime(cfg)
+        dataset = data.load(cfg.paths.data, cfg.data.name)
+        if "config" in dataset.meta:  # data.* given at train time must be what the data was prepared with
+            config.check_prepared(cfg.data, dataset.meta["config"])
+        task = tasks.make(cfg, dataset)
+        tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
+        with sigterm_as_interrupt(interrupts), tracking.start_run(cfg, tags, resume_run_id, interrupts) as tracker:
+            run_id = tracker.run_id
+            if lock is None and run_id:
+                lock = tracking.RunLock(cfg.paths.checkpoints, run_id).acquire()
+            checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (run_id or f"untracked-{fingerprint}"))
+            history = task.restore(checkpoint, tracker) if resume_run_id else []
+            train_epochs(cfg, task, tracker, checkpoint, history)
+            final, exported, model_uri = finish(cfg, task, tracker, history)
+    except KeyboardInterrupt as err:
+        raise Interrupted(run_id, len(history), interrupts.signal) from err
+    except CheckpointError as err:
+        raise err.with_resume(run_id) from err
+    finally:
+        if lock is not None:
+            lock.release()
     shutil.rmtree(checkpoint.folder, ignore_errors=True)  # finished: the model is in MLflow
+    return export(cfg, final, history, exported, run_id, model_uri)
+
+
+def train_epochs(
+    cfg: DictConfig, task: tasks.Task, tracker: tracking.Tracker, checkpoint: Checkpoint, history: list[dict]
+) -> None:
+    """The epoch loop, from the first epoch not in ``history``: train, validate, checkpoint, log, early stop."""
+    best = min((h["val/loss"] for h in history), default=math.inf)
+    waited = 0
+    epochs = min(cfg.trainer.epochs, cfg.trainer.max_epochs or cfg.trainer.epochs)
+    for epoch in range(len(history), epochs):
+        metrics = task.fit_epoch(epoch)
+        history.append(metrics)
+        if cfg.trainer.checkpoint:  # first, so the epoch survives a tracking store that fails just now
+            checkpoint.save(task.model, epoch, history)
+        try:
+            tracker.log_metrics(metrics, step=epoch)
+            for path, text in task.epoch_texts(epoch).items():
+                tracker.log_text(text, path)
+        except tracking.TrackingError as err:
+            kept = (
+                f"epoch {epoch + 1} is checkpointed at {checkpoint.folder}"
+                if cfg.trainer.checkpoint
+                else "nothing was checkpointed (trainer.checkpoint=false)"
+            )
+            raise tracking.TrackingError(
+                f"{err}\nTraining stopped: {kept}. When the store answers again, continue with "
+                f"trainer.resume_run_id={tracker.run_id}"
+            ) from err
+        log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
+        best, waited = (metrics["val/loss"], 0) if metrics["val/loss"] < best else (best, waited + 1)
+        if cfg.trainer.early_stopping_patience and waited >= cfg.trainer.early_stopping_patience:
+            log.info("early stop: val/loss has not improved for %d epochs", waited)
+            break
+
+
+def finish(cfg: DictConfig, task: tasks.Task, tracker: tracking.Tracker, history: list[dict]) -> tuple:
+    """Evaluate on the test split and log the final metrics and the model; return (metrics, model, model URI)."""
+    final = {**task.evaluate("test"), "epochs": len(history)}
+    tasks.check_finite(final, f"the test evaluation after {len(history)} epochs")
+    tracker.log_metrics(final, step=len(history))
+    exported = task.export_model()
+    model_uri = None
+    if cfg.tracking.log_model:
+        vocab_file = data.prepared_dir(cfg.paths.data, cfg.data.name) / "vocab.txt"
+        extra = [str(vocab_file)] if task.dataset.vocab is not None else []
+        model_uri = tracker.log_model(exported, task.example(), extra_files=extra)
+    return final, exported, model_uri
+
+
+def export(cfg: DictConfig, final: dict, history: list[dict], model: keras.Model, run_id, model_uri) -> dict:
+    """The pipeline's outputs (DVC) with ``export=true``; a manual run leaves them alone. Returns the result."""
     last = history[-1] if history else {}
     report = {**final, **{k: v for k, v in last.items() if k.startswith(("train/", "val/"))}}
-    if cfg.export:  # the pipeline's outputs (DVC): a manual run leaves them alone
-        model_path = Path(cfg.paths.models) / f"{cfg.data.name}.keras"
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        exported.save(model_path)
+    if cfg.export:
+        save_model_atomic(model, Path(cfg.paths.models) / f"{cfg.data.name}.keras")
         data.write_json(Path(cfg.paths.reports) / "metrics" / f"{cfg.data.name}.json", report)
     log.info("test metrics: %s", {k: round(v, 4) for k, v in final.items()})
-    return {"metrics": report, "history": history, "run_id": tracker.run_id, "model_uri": model_uri, "model": exported}
+    return {"metrics": report, "history": history, "run_id": run_id, "model_uri": model_uri, "model": model}
 
 
 def parallel_job_threads(cfg: DictConfig) -> None:
@@ -229,20 +219,62 @@ def parallel_job_threads(cfg: DictConfig) -> None:
             cfg.trainer.inter_op_threads = cfg.trainer.inter_op_threads or 1
 
 
+def resume_command(run_id: str) -> str:
+    """The command line that continues ``run_id``: this one's overrides, without resume switches (redacted)."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("trainer.resume")]
+    return " ".join(
+        ["python -m pipeline.train", *map(shlex.quote, map(redact, overrides)), f"trainer.resume_run_id={run_id}"]
+    )
+
+
+def interrupted_message(err: Interrupted) -> str:
+    how = f"signal {err.signum}" if err.signum else "Ctrl-C"
+    if not err.run_id:
+        return f"interrupted ({how}) before the run started: nothing to resume"
+    kept = f"its checkpoint after epoch {err.epochs_done} is kept" if err.epochs_done else "no epoch had finished"
+    return f"interrupted ({how}): run {err.run_id} is KILLED, {kept}. Continue it with: {resume_command(err.run_id)}"
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     parallel_job_threads(cfg)
     try:
         result = run(cfg)
-    except (TrainingError, tracking.TrackingError, data.DataError, config.ConfigError) as err:
+    except Interrupted as err:
+        log.error("%s", interrupted_message(err))
+        if multirun:
+            raise  # the whole sweep stops
+        raise SystemExit(128 + (err.signum or signal.SIGINT)) from None
+    except USER_ERRORS as err:
         log.error("%s", err)
         if multirun:  # one failed job (its run is FAILED in MLflow) must not stop the rest of the sweep
             return float("nan")
-        raise SystemExit(1) from err
+        raise SystemExit(1) from None
+    except Exception:
+        if multirun:  # an unexpected error: its run is FAILED with the error, the sweep goes on and exits 1
+            log.exception("job failed")
+            return float("nan")
+        raise
     objective = "val/perplexity" if "val/perplexity" in result["metrics"] else "val/accuracy"
     return result["metrics"].get(objective, float("nan"))  # the objective for sweepers
 
 
+def cli() -> None:
+    """``python -m pipeline.train``: Hydra's app, plus the truth about a sweep that stopped early (its parent run
+    ends KILLED or FAILED, the exit code is non-zero) and one line instead of a traceback on an interrupt."""
+    interrupts = tracking.Interrupts()
+    with sigterm_as_interrupt(interrupts):  # a sweep's own process: launchers' workers are stopped on the way out
+        try:
+            main()
+        except KeyboardInterrupt as err:
+            tracking.abandon_sweep(interrupted=True)
+            signum = getattr(err, "signum", None) or interrupts.signal or signal.SIGINT
+            sys.exit(128 + signum)
+        except BaseException:
+            tracking.abandon_sweep(interrupted=False)
+            raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,7 +1,11 @@
+import dataclasses
+import math
 import re
+import typing
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from pipeline import config
 from tests.conftest import CONF, compose_config
@@ -35,15 +39,40 @@ def test_experiment_preset():
     assert cfg.optimizer.learning_rate == 0.01 and cfg.model.units == 64
 
 
-def test_misspelt_key_fails_at_compose_with_the_key_named():
-    with pytest.raises(ConfigCompositionException, match=r"model\.unitz"):
+def test_misspelt_key_fails_at_compose_listing_the_valid_keys():
+    # Hydra's own message suggested `+model.unitz=3`, which only adds the typo.
+    with pytest.raises(ConfigCompositionException) as err:
         compose_config(["model.unitz=3"])
+    assert str(err.value) == (
+        "model.unitz: no such key; did you mean model.units? Valid keys of model: cell, bidirectional, layers, units, "
+        "dropout, recurrent_dropout, unroll, embedding_dim, init_scale."
+    )
+    assert err.value.__cause__ is None  # so Hydra prints this message alone
 
 
-def test_forced_unknown_key_fails_validation_with_the_key_named():
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["unitz=3"], "unitz: no such key. Valid keys at the top level: paths, download, data, model, optimizer,"),
+        (["data=ptb", "data.max_len=5"], "data.max_len: no such key. Valid keys of data: name, source, kind, vocab"),
+        (["trainer.epoch=3"], "trainer.epoch: no such key; did you mean trainer.epochs? Valid keys of trainer: epochs"),
+    ],
+)
+def test_misspelt_keys_in_every_section_list_that_section(overrides, message):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_forced_unknown_key_fails_validation_listing_the_valid_keys():
     cfg = compose_config(["+model.unitz=3"])
-    with pytest.raises(config.ConfigError, match=r"unitz"):
+    with pytest.raises(config.ConfigError, match=r"^model\.unitz: no such key; did you mean model\.units\? Valid keys"):
         config.validate(cfg)
+
+
+def test_explain_unknown_key_leaves_other_errors_alone():
+    assert config.explain_unknown_key("Error merging override model.units=abc") is None
+    assert config.explain_unknown_key("Key 'x' not in 'SomeoneElsesConfig'") is None
 
 
 def test_wrong_type_fails_at_compose():
@@ -56,15 +85,122 @@ def test_wrong_type_fails_at_compose():
     [
         ("model.cell=lstn", "model.cell: unknown cell type 'lstn'; choose one of rnn, lstm, gru"),
         ("optimizer.name=adamw", "optimizer.name: unknown optimizer 'adamw'"),
-        ("model.dropout=1.5", "model.dropout: must be in [0, 1)"),
-        ("optimizer.learning_rate=0", "optimizer.learning_rate: must be positive"),
-        ("data.min_len=30", "data.min_len: need 1 <= data.min_len <= data.max_len"),
-        ("data.pad_value=0.5", "data.pad_value: must be negative"),
+        ("model.dropout=1.5", "model.dropout: must be in [0, 1), got 1.5; e.g. model.dropout=0 (the default)"),
+        ("optimizer.learning_rate=0", "optimizer.learning_rate: must be positive, got 0"),
+        ("data.min_len=30", "data.min_len: need 1 <= data.min_len <= data.max_len, got 30"),
+        ("data.pad_value=0.5", "data.pad_value: must be negative (generated values are >= 0), got 0.5"),
+        # Issue 12: accepted silently before.
+        (
+            "trainer.max_steps_per_epoch=-1",
+            "trainer.max_steps_per_epoch: must be null or at least 1 (null = the whole training set), got -1; "
+            "e.g. trainer.max_steps_per_epoch=null (the default)",
+        ),
+        ("optimizer.beta_1=2", "optimizer.beta_1: must be in [0, 1), got 2; e.g. optimizer.beta_1=0.9 (the default)"),
+        (
+            "optimizer.learning_rate=inf",
+            "optimizer.learning_rate: must be positive and finite, got inf; e.g. optimizer.learning_rate=0.001",
+        ),
+        ("optimizer.learning_rate=nan", "optimizer.learning_rate: must be positive and finite, got nan"),
+        ("trainer.generate_words=-1", "trainer.generate_words: must be at least 0 (0 = no samples), got -1"),
+        # Issue 12: tracebacks (or a TensorFlow abort) before.
+        (
+            "seed=-1",
+            "seed: must be in [0, 4294967295] (NumPy and Keras seeds are unsigned 32-bit), got -1; e.g. seed=42",
+        ),
+        ("trainer.bptt_steps=0", "trainer.bptt_steps: must be at least 1, got 0; e.g. trainer.bptt_steps=35"),
+        ("optimizer.momentum=-5", "optimizer.momentum: must be in [0, 1), got -5; e.g. optimizer.momentum=0"),
+        (
+            "trainer.intra_op_threads=-2",
+            "trainer.intra_op_threads: must be at least 0 (0 = TensorFlow's choice), got -2; "
+            "e.g. trainer.intra_op_threads=0 (the default)",
+        ),
+        ("trainer.verbose=3", "trainer.verbose: must be in [0, 2] (1 = a progress bar; 0 or 2 = one line per epoch)"),
+        ("model.init_scale=0", "model.init_scale: must be null or positive (null = Keras' initialisers), got 0"),
+        ("optimizer.clip_global_norm=inf", "optimizer.clip_global_norm: must be null or positive and finite"),
+        ("data.kind=language_model", "data.kind: toy is a classification dataset, got 'language_model'"),
+        ("data.name=../x", "data.name: names the folder data/prepared/<name>"),
     ],
 )
 def test_bad_values_are_named_with_the_fix(override, message):
-    with pytest.raises(config.ConfigError, match=re.escape(message)):
+    with pytest.raises(config.ConfigError) as err:
         config.validate(compose_config([override]))
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=ptb", "trainer.bptt_steps=0"], "trainer.bptt_steps: must be at least 1, got 0"),
+        (["data=ptb", "data.vocab_size=2"], "data.vocab_size: must be at least 3 (<eos>, <unk> and a word), got 2"),
+        (["data=imdb", "data.truncate=middle"], "data.truncate: unknown truncation 'middle'; choose one of pre, post"),
+        (["data=imdb", "data.val_size=25000"], "data.val_size: must be in [1, 24999] (out of 25,000 training reviews)"),
+        (["data=mnist", "data.seed=-1"], "data.seed: must be in [0, 4294967295]"),
+    ],
+)
+def test_dataset_values_are_checked_per_dataset(overrides, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(compose_config(overrides))
+    assert str(err.value).startswith(message)
+
+
+def numeric_fields(schema: type, prefix: str = "") -> dict[str, set[type]]:
+    """The dotted key of every int or float field (nullable or not) below ``schema``, with its types."""
+    found = {}
+    for name, kind in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(kind):
+            found |= numeric_fields(kind, f"{prefix}{name}.")
+        elif {int, float} & set(typing.get_args(kind) or [kind]):
+            found[prefix + name] = set(typing.get_args(kind) or [kind])
+    return found
+
+
+def test_every_numeric_key_has_a_range():
+    assert set(numeric_fields(config.Config)) == set(config.BOUNDS)
+    for source, schema in config.DATA_SCHEMAS.items():
+        assert set(numeric_fields(schema, "data.")) == set(config.DATA_BOUNDS[source]), source
+    assert set(numeric_fields(config.GenerateConfig)) == set(config.GENERATE_BOUNDS)
+
+
+def out_of_range(bound: config.Bound, types: set[type]) -> list[float]:
+    """Values just outside ``bound`` at each end, and infinity where the type allows it."""
+    values = [math.inf] if float in types else []
+    if bound.low is not None:
+        values.append(bound.low if bound.low_open else bound.low - 1)
+    if bound.high is not None:
+        values.append(bound.high if bound.high_open else bound.high + 1)
+    return values
+
+
+@pytest.mark.parametrize("source", sorted(config.DATA_SCHEMAS))
+def test_every_range_refuses_the_values_outside_it(source):
+    composed = compose_config([f"data={source}"])
+    config.validate(composed)  # the defaults are inside every range
+    types = {**numeric_fields(config.Config), **numeric_fields(config.DATA_SCHEMAS[source], "data.")}
+    for key, bound in {**config.BOUNDS, **config.DATA_BOUNDS[source]}.items():
+        for value in out_of_range(bound, types[key]):
+            cfg = composed.copy()
+            OmegaConf.update(cfg, key, value)
+            with pytest.raises(config.ConfigError, match=rf"^{re.escape(key)}: must be .*, got "):
+                config.validate(cfg)
+
+
+def test_prepared_data_must_match_the_data_overrides():
+    built_with = dict(OmegaConf.to_container(compose_config(["data=ptb"]).data))
+    config.check_prepared(compose_config(["data=ptb"]).data, built_with)  # the same: fine
+    config.check_prepared(compose_config(["data=ptb", "data.vocab_size=10000"]).data, built_with)
+    with pytest.raises(config.ConfigError) as err:
+        config.check_prepared(compose_config(["data=ptb", "data.vocab_size=5000"]).data, built_with)
+    assert str(err.value) == (
+        "data.vocab_size=5000 (prepared with 10000): the prepared data/prepared/ptb was built otherwise, and training "
+        "would ignore the override. Prepare it first: `python -m pipeline.prepare data=ptb data.vocab_size=5000` (add "
+        "data.name=<new name> to both commands to keep the default prepared data), or drop the override."
+    )
+    toy = dict(OmegaConf.to_container(compose_config().data))
+    with pytest.raises(config.ConfigError, match=r"^data\.n_train=10 \(prepared with 1000\), data\.seed=7 \(prepa"):
+        config.check_prepared(compose_config(["data.n_train=10", "data.seed=7"]).data, toy)
+    del toy["seed"]  # prepared before the key existed
+    with pytest.raises(config.ConfigError, match=r"^data\.seed=1234 \(prepared with none\)"):
+        config.check_prepared(compose_config().data, toy)
 
 
 def test_every_config_value_has_a_comment():

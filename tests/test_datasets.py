@@ -1,9 +1,13 @@
 """Parsers on tiny hand-made files with hand-computed answers, then the real datasets from the mirror."""
 
 import gzip
+import hashlib
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -13,8 +17,14 @@ from omegaconf import OmegaConf
 from pipeline import data, download, prepare
 from pipeline.data import imdb, mnist, ptb
 from pipeline.data.fetch import DownloadError
-from tests.conftest import mirror_path, needs_mirror
+from tests.conftest import REPO, mirror_path, needs_mirror
 from tests.test_fetch import make_tar
+
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: refused at once, so no test depends on internet access
+
+
+def sha(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
 
 
 # --- MNIST's IDX format ---------------------------------------------------------------------------------------
@@ -205,13 +215,162 @@ def test_real_imdb(real, tmp_path):
 @needs_mirror
 def test_corrupt_mirror_file_is_reported_and_leaves_nothing(tmp_path, make_cfg, monkeypatch):
     mirror = tmp_path / "m"
-    shutil.copytree(mirror_path() / "mnist", mirror / "mnist")
+    (mirror / "mnist").mkdir(parents=True)
+    for name in mnist.FILES:  # plain copies: the shared mirror's read-only modes stay behind
+        shutil.copyfile(mirror_path() / "mnist" / name, mirror / "mnist" / name)
     victim = mirror / "mnist" / "t10k-labels-idx1-ubyte.gz"
     victim.write_bytes(victim.read_bytes()[:-10])  # truncated copy
-    monkeypatch.setenv("RNNLAB_DATA_MIRROR", str(mirror))
-    cfg = make_cfg("data=mnist", "download.timeout=2")
-    with pytest.raises(DownloadError, match=r"t10k-labels-idx1-ubyte.gz.*expected sha256 f7ae60f9"):
+    # The sources are explicit: this mirror, then hosts that refuse at once (online or not).
+    monkeypatch.setattr(mnist, "URL_BASES", (UNREACHABLE + "/mnist/",))
+    cfg = make_cfg("data=mnist", f"download.mirror={mirror}", "download.timeout=2")
+    with pytest.raises(DownloadError, match=r"t10k-labels-idx1-ubyte.gz.*expected sha256 f7ae60f9") as err:
         download.run(cfg)
+    assert f"{UNREACHABLE}/mnist/t10k-labels-idx1-ubyte.gz" in str(err.value)
     raw = download.raw_dir(cfg)
     assert not (raw / victim.name).exists()
     assert not [p for p in raw.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+# --- Raw files that fail verification: never left in place, never built from ----------------------------------
+def test_a_corrupt_ptb_file_is_deleted_when_no_source_verifies(tmp_path, make_cfg, monkeypatch, caplog):
+    mirror = tmp_path / "m"
+    (mirror / "ptb").mkdir(parents=True)
+    for name, _ in ptb.FILES.values():
+        (mirror / "ptb" / name).write_text("a corrupt mirror copy\n")
+    monkeypatch.setattr(ptb, "ARCHIVE_URL", f"{UNREACHABLE}/simple-examples.tgz")
+    cfg = make_cfg("data=ptb", f"download.mirror={mirror}", "download.timeout=2")
+    raw = download.raw_dir(cfg)
+    raw.mkdir(parents=True)
+    (raw / "ptb.train.txt").write_text("a corrupt local copy\n")
+    with pytest.raises(DownloadError) as err:
+        download.run(cfg)
+    message = str(err.value)
+    assert f"{mirror}/ptb/ptb.train.txt: checksum mismatch: expected sha256 {ptb.FILES['train'][1]}" in message
+    assert f"{UNREACHABLE}/simple-examples.tgz" in message
+    assert sorted(p.name for p in raw.iterdir()) == []  # the bad file is gone: prepare cannot build from it
+    expected, actual = ptb.FILES["train"][1], sha(b"a corrupt local copy\n")
+    assert f"{raw / 'ptb.train.txt'} fails verification (sha256 {actual}, expected {expected})" in caplog.text
+
+
+def test_a_corrupt_mnist_file_is_deleted_when_no_source_verifies(tmp_path, make_cfg, monkeypatch):
+    name = "train-images-idx3-ubyte.gz"
+    mirror = tmp_path / "m"
+    (mirror / "mnist").mkdir(parents=True)
+    write_idx(mirror / "mnist" / name, 2051, (1, 2, 2), bytes(4))
+    monkeypatch.setattr(mnist, "URL_BASES", (f"{UNREACHABLE}/mnist/",))
+    cfg = make_cfg("data=mnist", f"download.mirror={mirror}", "download.timeout=2")
+    raw = download.raw_dir(cfg)
+    raw.mkdir(parents=True)
+    write_idx(raw / name, 2051, (1, 2, 2), bytes([1, 2, 3, 4]))
+    with pytest.raises(DownloadError, match=rf"{name}: checksum mismatch: expected sha256 {mnist.FILES[name]}"):
+        download.run(cfg)
+    assert sorted(p.name for p in raw.iterdir()) == []
+
+
+TINY_PTB = "a b c\nb c\n"
+
+
+def write_tiny_ptb(raw):
+    raw.mkdir(parents=True)
+    for name, _ in ptb.FILES.values():
+        (raw / name).write_text(TINY_PTB)
+
+
+def test_prepare_refuses_an_unverified_ptb_file_and_writes_nothing(make_cfg):
+    cfg = make_cfg("data=ptb", "data.vocab_size=5")  # small enough that the tiny files would build
+    raw = download.raw_dir(cfg)
+    write_tiny_ptb(raw)
+    with pytest.raises(data.DataError) as err:
+        prepare.run(cfg)
+    assert str(err.value) == (
+        f"raw file {raw / 'ptb.train.txt'} is not verified: expected sha256 {ptb.FILES['train'][1]}, "
+        f"got {sha(TINY_PTB.encode())}. Fetch it again: `python -m pipeline.download data=ptb` "
+        "(or `dvc repro download_ptb`)."
+    )
+    assert not data.prepared_dir(cfg.paths.data, "ptb").exists()
+
+
+def unverified_mnist(name: str) -> str:
+    return rf"raw file \S*/{name} is not verified: expected sha256 {mnist.FILES[name]}, got [0-9a-f]{{64}}\. Fetch"
+
+
+def test_prepare_refuses_an_unverified_mnist_file(make_cfg):
+    cfg = make_cfg("data=mnist", "data.val_size=1")
+    raw = download.raw_dir(cfg)
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", 2051, (2, 2, 2), bytes(8))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", 2049, (2,), bytes([0, 1]))
+    name = "train-images-idx3-ubyte.gz"
+    with pytest.raises(data.DataError, match=unverified_mnist(name)):
+        prepare.run(cfg)
+    assert not data.prepared_dir(cfg.paths.data, "mnist").exists()
+
+
+@needs_mirror
+def test_prepare_refuses_one_hand_edited_mnist_label(make_cfg):
+    """The real files with one test label changed: a valid IDX file that would build silently, so only the
+    checksum can tell."""
+    cfg = make_cfg("data=mnist")
+    raw = download.raw_dir(cfg)
+    raw.mkdir(parents=True)
+    for name in mnist.FILES:
+        shutil.copyfile(mirror_path() / "mnist" / name, raw / name)
+    name = "t10k-labels-idx1-ubyte.gz"
+    labels = mnist.read_idx(raw / name).copy()
+    labels[0] = (labels[0] + 1) % 10
+    write_idx(raw / name, 2049, labels.shape, labels.tobytes())
+    with pytest.raises(data.DataError, match=unverified_mnist(name)):
+        prepare.run(cfg)
+
+
+def test_imdb_records_its_content_check_and_refuses_a_changed_archive(tmp_path, make_cfg, monkeypatch):
+    """A mirror repack passes the content check once; the recorded sha256 then verifies it cheaply. A changed
+    archive is refused by prepare, and deleted by the next download when no source verifies."""
+    mirror = tmp_path / "m"
+    (mirror / "imdb").mkdir(parents=True)
+    repack = make_tar(mirror / "imdb" / imdb.REPACK, REVIEWS)
+    monkeypatch.setattr(imdb, "CONTENT_DIGEST", imdb.content_digest(repack))  # the tiny archive is the truth
+    monkeypatch.setattr(imdb, "URL", f"{UNREACHABLE}/aclImdb_v1.tar.gz")
+    cfg = make_cfg("data=imdb", f"download.mirror={mirror}", "download.timeout=2")
+    raw = download.raw_dir(cfg)
+    download.run(cfg)
+    record = raw / imdb.RECORD_NAME
+    assert record.read_text() == f"{sha(repack.read_bytes())}  reviews.tar.gz\n"
+    assert sorted(p.name for p in raw.iterdir()) == [imdb.RECORD_NAME, imdb.RAW_NAME]
+
+    content_digest = imdb.content_digest
+    monkeypatch.setattr(imdb, "content_digest", lambda path: pytest.fail("the cheap sha256 check should do"))
+    imdb.verify(raw)
+    download.run(cfg)  # present and verified by the record: same bytes, same record (a DVC no-op)
+    assert record.read_text() == f"{sha(repack.read_bytes())}  reviews.tar.gz\n"
+    monkeypatch.setattr(imdb, "content_digest", content_digest)
+
+    changed = make_tar(tmp_path / "changed.tar.gz", {**REVIEWS, "aclImdb/test/neg/0_3.txt": b"edited"})
+    (raw / imdb.RAW_NAME).write_bytes(changed.read_bytes())
+    with pytest.raises(data.DataError) as err:
+        prepare.run(cfg)
+    message = str(err.value)
+    assert f"raw file {raw / imdb.RAW_NAME} is not verified" in message
+    assert f"got {sha(changed.read_bytes())}" in message
+    assert f"content digest mismatch: expected {imdb.CONTENT_DIGEST}" in message
+    assert "python -m pipeline.download data=imdb" in message
+
+    shutil.copy(changed, repack)  # the mirror is now corrupt too
+    with pytest.raises(DownloadError, match=f"{imdb.REPACK}: content digest mismatch"):
+        download.run(cfg)
+    assert sorted(p.name for p in raw.iterdir()) == []  # neither the bad archive nor its stale record is left
+
+
+def test_prepare_command_exits_1_with_one_error_line(tmp_path):
+    write_tiny_ptb(tmp_path / "data" / "raw" / "ptb")
+    env = {k: v for k, v in os.environ.items() if k not in ("RNNLAB_ROOT", "HYDRA_FULL_ERROR")}
+    # Without the MLflow sweep callback, which only matters for multiruns and costs seconds of imports.
+    overrides = ["data=ptb", f"paths.root={tmp_path}", "data.vocab_size=5", "~hydra.callbacks.mlflow_sweep"]
+    cmd = [sys.executable, "-m", "pipeline.prepare", *overrides]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and "ptb.train.txt is not verified" in errors[0] and "pipeline.download" in errors[0]
+    assert "Traceback" not in output

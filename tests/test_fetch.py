@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import fetch
+from pipeline.data import DataError, fetch
 from pipeline.data.fetch import DownloadError, Source
 
 
@@ -137,3 +137,54 @@ def test_safe_extract_selects_and_renames_members(tmp_path):
     written = fetch.safe_extract(archive, tmp_path / "out", keep=lambda n: Path(n).name if "/data/" in n else None)
     assert sorted(p.name for p in written) == ["a.txt", "b.txt"]
     assert (tmp_path / "out" / "a.txt").read_bytes() == b"A"
+
+
+def test_a_corrupt_file_in_place_is_deleted_even_when_no_source_verifies(payload, tmp_path, caplog):
+    data, src = payload
+    dest = tmp_path / "raw" / "file.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"corrupt")
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(data[:-1] + b"X")
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        fetch.fetch(dest, [Source(str(bad)), Source("http://127.0.0.1:9/file.bin")], sha256=sha(data), timeout=5)
+    assert leftovers(dest.parent) == []  # missing, never corrupt: no later stage can read it
+    assert f"{dest} fails verification (sha256 {sha(b'corrupt')}, expected {sha(data)})" in caplog.text
+
+
+def test_a_corrupt_file_in_place_is_replaced_from_a_verified_source(payload, tmp_path, caplog):
+    data, src = payload
+    dest = tmp_path / "raw" / "file.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"corrupt")
+    fetch.fetch(dest, [Source(str(src))], sha256=sha(data))
+    assert dest.read_bytes() == data and leftovers(dest.parent) == ["file.bin"]
+    assert f"{dest} fails verification (sha256 {sha(b'corrupt')}" in caplog.text
+
+
+def test_a_file_in_place_failing_its_content_check_is_deleted(tmp_path, caplog):
+    dest = tmp_path / "raw" / "file.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"not what the check wants")
+
+    def check(path: Path) -> None:
+        if path.read_bytes() != b"good":
+            raise DownloadError("content digest mismatch: expected good, got bad")
+
+    with pytest.raises(DownloadError, match="file.bin"):
+        fetch.fetch(dest, [], check=check)
+    assert leftovers(dest.parent) == []
+    assert f"{dest} fails verification (content digest mismatch: expected good, got bad)" in caplog.text
+
+
+def test_require_sha256_names_the_file_both_digests_and_the_fix(tmp_path):
+    path = tmp_path / "ptb.train.txt"
+    path.write_bytes(b"hand-edited")
+    with pytest.raises(DataError) as err:
+        fetch.require_sha256(path, "f" * 64, "ptb")
+    assert str(err.value) == (
+        f"raw file {path} is not verified: expected sha256 {'f' * 64}, got {sha(b'hand-edited')}. "
+        "Fetch it again: `python -m pipeline.download data=ptb` (or `dvc repro download_ptb`)."
+    )
+    with pytest.raises(DataError, match=r"raw file .*missing\.txt is missing\. Fetch it again: `python -m pipe"):
+        fetch.require_sha256(tmp_path / "missing.txt", "f" * 64, "ptb")

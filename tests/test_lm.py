@@ -121,3 +121,21 @@ def test_both_language_model_precisions_learn_and_log_a_plain_keras_model(tiny_p
     assert run.data.tags["precision"] == precision
     logged = mlflow.keras.load_model(result["model_uri"])
     assert type(logged.get_layer("logits")) is keras.layers.Dense  # bfloat16 gradients are a training detail
+
+
+def test_a_diverged_language_model_fails_instead_of_finishing(tiny_ptb, tmp_path):
+    """lr 1e12: the loss grows without bound; an infinite perplexity (or the guard) stops the run, FAILED."""
+    for guard in ("trainer.divergence_factor=null", "trainer.divergence_factor=10"):
+        cfg = tiny_ptb("optimizer.learning_rate=1e12", "optimizer.clip_global_norm=null", guard, "trainer.epochs=2")
+        with pytest.raises(train.TrainingError, match=r"diverged|loss became"):
+            train.run(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rnnlab-ptb").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    assert all("diverged" in r.data.tags["error"] or "loss became" in r.data.tags["error"] for r in runs)
+
+
+def test_check_finite_names_every_bad_metric():
+    tasks.check_finite({"train/loss": 3.0, "val/perplexity": 12.0}, "epoch 1")
+    with pytest.raises(tasks.TrainingError, match=r"val/loss=nan, val/perplexity=inf at epoch 2"):
+        tasks.check_finite({"train/loss": 3.0, "val/loss": math.nan, "val/perplexity": math.inf}, "epoch 2")

@@ -117,3 +117,30 @@ def test_report_with_only_capped_runs_says_how_to_include_them(make_cfg, tmp_pat
     readme = (tmp_path / "reports" / "README.md").read_text()
     assert "1 finished run(s) had a step cap" in readme and "report.include_capped=true" in readme
     assert report.run(make_cfg("report.include_capped=true"))["toy"]["run"].tolist() == ["smoke"]
+
+
+def names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_the_report_removes_what_it_no_longer_reports(store, make_cfg, tmp_path):
+    """The report's files always agree with its README: what the previous report wrote and this one does not (a
+    dataset whose runs are gone; everything, on an empty store) is removed. Files the report does not own stay."""
+    reports = tmp_path / "reports"
+    report.run(make_cfg())
+    assert names(reports / "leaderboards") == ["ptb.csv", "ptb.md", "toy.csv", "toy.md"]
+    (reports / "figures" / "notes.txt").write_text("mine")  # not the report's: kept
+    (reports / "metrics").mkdir()
+    (reports / "metrics" / "toy.json").write_text("{}")  # train's output: kept
+    # Only the PTB runs count now: the toy leaderboard, curves and figures go; the PTB ones are rewritten.
+    assert sorted(report.run(make_cfg("report.experiments=rnnlab-ptb"))) == ["ptb"]
+    assert names(reports / "leaderboards") == ["ptb.csv", "ptb.md"] and names(reports / "curves") == ["ptb.csv"]
+    assert names(reports / "figures") == ["notes.txt", "ptb_curves.png", "ptb_size.png", "ptb_speed.png"]
+    readme = (reports / "README.md").read_text()
+    assert "## ptb" in readme and "## toy" not in readme
+    # An empty store: no leaderboard, curve or figure is left beside a README that says there are no runs.
+    assert report.run(make_cfg(f"tracking.uri=sqlite:///{tmp_path}/empty.db")) == {}
+    readme = (reports / "README.md").read_text()
+    assert "No finished runs yet" in readme and "## " not in readme
+    assert names(reports / "leaderboards") == [] and names(reports / "curves") == []
+    assert names(reports / "figures") == ["notes.txt"] and names(reports / "metrics") == ["toy.json"]

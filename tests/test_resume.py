@@ -52,11 +52,18 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path):
             break
         time.sleep(0.02)
     assert state is not None, f"no checkpoint appeared:\n{proc.communicate()[0]}"
-    proc.send_signal(signal.SIGTERM)  # mid-epoch 2: epoch 1 is checkpointed
+    proc.send_signal(signal.SIGTERM)  # mid-epoch 2 (or later): epoch 1 is checkpointed
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, output
+    assert proc.returncode == 128 + signal.SIGTERM, output
     client, (killed,) = runs(tmp_path)
     assert killed.info.status == "KILLED", output[-3000:]
+    # One line, no traceback, with the command that continues the run.
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert re.search(
+        rf"interrupted \(signal 15\): run {killed.info.run_id} is KILLED, its checkpoint after epoch \d is kept\. "
+        rf"Continue it with: python -m pipeline\.train paths\.root=\S+ .*trainer\.resume_run_id={killed.info.run_id}",
+        output,
+    ), output[-3000:]
     done = json.loads(state.read_text())["epochs_done"]
     assert 1 <= done < 4 and state.parent.name == killed.info.run_id
 
@@ -73,6 +80,46 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path):
         assert resumed["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     for a, b in zip(resumed["history"], uninterrupted["history"], strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
+
+
+def test_resuming_a_run_that_a_live_process_trains_is_refused(make_cfg, tmp_path):
+    """It used to attach to the live run and crash; now the live process keeps it, untouched."""
+    prepare.run(make_cfg(*COMMON))
+    proc = train_process(tmp_path, "trainer.epochs=100")
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((tmp_path / "checkpoints").glob("*/state.json")):
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.05)
+        (state,) = (tmp_path / "checkpoints").glob("*/state.json")
+        run_id = state.parent.name
+        busy = rf"run {run_id} is being trained right now \(pid {proc.pid} on .*\): it is busy, not interrupted"
+        with pytest.raises(train.TrainingError, match=busy):
+            train.run(make_cfg(*COMMON, "trainer.epochs=100", "trainer.resume=true"))
+        with pytest.raises(train.TrainingError, match=busy):
+            train.run(make_cfg(*COMMON, "trainer.epochs=100", f"trainer.resume_run_id={run_id}"))
+        assert proc.poll() is None
+        client, (run,) = runs(tmp_path)
+        assert run.info.status == "RUNNING"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    client, (run,) = runs(tmp_path)
+    assert run.info.status == "KILLED" and proc.returncode == 128 + signal.SIGTERM
+
+
+def test_resuming_a_finished_run_is_refused_and_leaves_it_finished(make_cfg, tmp_path):
+    prepare.run(make_cfg(*COMMON))
+    done = train.run(make_cfg(*COMMON, "trainer.epochs=1"))
+    client, _ = runs(tmp_path)
+    before = client.get_run(done["run_id"])
+    with pytest.raises(train.TrainingError, match=rf"run {done['run_id']} is FINISHED: it is complete"):
+        train.run(make_cfg(*COMMON, "trainer.epochs=1", f"trainer.resume_run_id={done['run_id']}"))
+    after = client.get_run(done["run_id"])
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.metrics == before.data.metrics
+    with pytest.raises(tracking.TrackingError, match="no MLflow run 0123abcd in sqlite:///"):
+        train.run(make_cfg(*COMMON, "trainer.resume_run_id=0123abcd"))
 
 
 def test_resume_without_an_unfinished_run_starts_afresh(make_cfg):
@@ -95,16 +142,11 @@ def test_nan_loss_in_a_real_process_fails_the_run_with_a_message(make_cfg, tmp_p
     assert run.info.status == "FAILED"
 
 
-def test_a_sigterm_during_a_store_write_takes_effect_after_it(monkeypatch):
-    monkeypatch.setattr(tracking, "_interrupted", False)
+def test_a_sigterm_during_a_store_write_takes_effect_after_it():
+    interrupts = tracking.Interrupts()
     written = []
-
-    @tracking._store_write
-    def write():
-        assert tracking.note_interrupt() is False  # not now: the write would be cut in half
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM during a store write"), interrupts.writing():
+        assert interrupts.note(15) is False  # not now: the write would be cut in half
         written.append("metrics")
-
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM during a store write"):
-        write()
-    assert written == ["metrics"] and tracking._interrupted
-    assert tracking.note_interrupt() is True  # outside a write: at once
+    assert written == ["metrics"] and interrupts.requested and interrupts.signal == 15
+    assert interrupts.note(15) is True  # outside a write: at once

@@ -3,10 +3,12 @@ a server that dies mid-run, and credentials that must never be logged."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -40,6 +42,7 @@ def team(tmp_path_factory):
     yield srv
     srv.stop()
     assert not (srv.pgdata / "postmaster.pid").exists()
+    shutil.rmtree(srv.pgdata, ignore_errors=True)  # a cluster outside the test folder (see TeamServer.pgdata)
 
 
 def train_cmd(module_args, tmp_path, uri, env_extra=None):
@@ -131,19 +134,41 @@ def test_server_gone_mid_run_fails_loudly_keeps_the_checkpoint_and_resumes(team,
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [0, 1, 2, 3, 4]
 
 
-def test_credentials_are_never_logged(team, make_cfg, tmp_path):
+def every_text_of_the_runs(client, experiment_ids, tmp_path):
+    """Everything a run keeps: names, params, tags, metric keys, every artifact's text."""
+    texts = []
+    for run in client.search_runs(experiment_ids):
+        texts += [run.info.run_name, *run.data.params.items(), *run.data.tags.items(), *run.data.metrics]
+        todo = [""]
+        while todo:
+            for item in client.list_artifacts(run.info.run_id, todo.pop() or None):
+                if item.is_dir:
+                    todo.append(item.path)
+                elif item.file_size < 1_000_000:
+                    local = client.download_artifacts(run.info.run_id, item.path, str(tmp_path / "artifacts"))
+                    texts.append(Path(local).read_bytes().decode(errors="replace"))
+    return "\n".join(map(str, texts))
+
+
+def test_a_password_in_the_uri_is_never_written_anywhere(team, make_cfg, tmp_path):
+    """A sweep and a single run with user:password@ on the command line: no MLflow field, artifact, Hydra output
+    file or log line holds the password."""
     prepare.run(make_cfg(*SMALL))
     secret_uri = team.uri.replace("http://", "http://alice:s3cr3t-pw@")
-    done = pipeline_cmd(
-        ["trainer=smoke", "tracking.log_model=false", "tracking.run_name=secret-check"], tmp_path, secret_uri
-    )
-    assert "s3cr3t-pw" not in done.stdout + done.stderr
+    common = ["trainer=smoke", "tracking.log_model=false", f"tracking.uri={secret_uri}", "tracking.experiment=secrets"]
+    sweep = pipeline_cmd(["-m", *common, "model=rnn,gru"], tmp_path, team.uri)
+    single = pipeline_cmd([*common, "tracking.run_name=secret-check"], tmp_path, team.uri)
+    logs = sweep.stdout + sweep.stderr + single.stdout + single.stderr
+    assert "alice:***@" in logs and "s3cr3t" not in logs
     client = MlflowClient(tracking_uri=team.uri)
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("rnnlab-toy").experiment_id],
-        filter_string="attributes.run_name = 'secret-check'",
-    )
+    experiment = client.get_experiment_by_name("secrets")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 4  # the sweep's parent, its two children, the single run
+    stored = every_text_of_the_runs(client, [experiment.experiment_id], tmp_path)
+    assert "s3cr3t" not in stored and "alice:***@" in stored
+    hydra_files = [p for folder in ("outputs", "multirun") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert any(p.name == "overrides.yaml" for p in hydra_files) and any(p.name == "multirun.yaml" for p in hydra_files)
+    leaking = [str(p) for p in hydra_files if "s3cr3t" in p.read_text(errors="replace")]
+    assert not leaking, leaking
+    (run,) = [r for r in runs if r.info.run_name == "secret-check"]
     assert run.data.params["tracking.uri"] == team.uri.replace("http://", "http://alice:***@")
-    assert not [k for k, v in run.data.params.items() if "s3cr3t" in v]
-    config_text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
-    assert "s3cr3t" not in config_text and "alice:***@" in config_text

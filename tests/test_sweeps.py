@@ -1,8 +1,11 @@
 """Hydra multirun -> one MLflow parent run with a child per job, sequential and with the parallel launcher."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,7 +16,9 @@ from tests.conftest import REPO
 SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "tracking.log_model=false")
 
 
-def multirun(tmp_path, *args):
+def launch(tmp_path, *args, wait=True):
+    """``python -m pipeline.train -m`` with the smoke budget on the small toy data; the finished process, or the
+    running one with ``wait=False``."""
     env = {**os.environ}
     env.pop("RNNLAB_ROOT", None)
     env.pop("RNNLAB_SWEEP_PARENT_RUN_ID", None)
@@ -28,7 +33,13 @@ def multirun(tmp_path, *args):
         *SMALL,
         *args,
     ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def multirun(tmp_path, *args):
+    done = launch(tmp_path, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -67,3 +78,68 @@ def test_two_by_two_sweep_is_one_parent_with_four_children(make_cfg, tmp_path, l
         threads = child.data.params["trainer.intra_op_threads"]
         assert threads == ("1" if launcher == "parallel" else "0")
     assert combos == {(c, o) for c in ("rnn", "gru") for o in ("adam", "rmsprop")}
+
+
+def test_a_sweep_with_failed_jobs_exits_1_and_its_parent_run_is_failed(make_cfg, tmp_path):
+    """One job diverges (its run FAILED), two fail before their run exists (a typo): the sweep must not say FINISHED."""
+    prepare.run(make_cfg(*SMALL))
+    done = launch(tmp_path, "model.cell=gru,lstn", "optimizer.learning_rate=0.01,1e12", "tracking.sweep_name=bad")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "sweep FAILED: not every job finished" in output
+    client, (parent,), children = sweep_runs(tmp_path)
+    assert parent.info.status == "FAILED"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert (metrics["sweep/jobs"], metrics["sweep/children"], metrics["sweep/finished"]) == (4, 2, 1)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+def test_sigterm_to_a_sweep_kills_its_parent_run_and_every_worker(make_cfg, tmp_path, launcher):
+    prepare.run(make_cfg(*SMALL))
+    extra = ["hydra/launcher=parallel"] if launcher == "parallel" else []
+    proc = launch(tmp_path, "model=rnn,gru", "trainer.epochs=200", "trainer.max_epochs=200", *extra, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "checkpoints").glob("*/state.json")):
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    workers = descendants(proc.pid)
+    assert launcher == "basic" or workers, "the parallel launcher started no worker processes"
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not [p for p in workers if alive(p)], "workers outlived the sweep"
+    _, (parent,), children = sweep_runs(tmp_path)
+    assert parent.info.status == "KILLED"
+    assert children and all(c.info.status in ("KILLED", "FINISHED") for c in children), [
+        c.info.status for c in children
+    ]
+    assert "Traceback" not in output, output[-3000:]

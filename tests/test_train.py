@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import prepare, train
+from pipeline import config, prepare, train
 
 SMALL_DATA = ("data.n_train=128", "data.n_val=32", "data.n_test=64")
 
@@ -109,3 +109,12 @@ def test_default_toy_lstm_reaches_the_seed_accuracy(make_cfg):
 def test_distribute_is_a_no_op_without_several_gpus(smoke):
     result = smoke("trainer.distribute=true", "tracking.enabled=false")
     assert result["metrics"]["epochs"] == 2
+
+
+def test_data_overrides_at_train_time_must_match_the_prepared_data(smoke, tmp_path):
+    """Training reads the prepared arrays: a data.* value they were not built with is refused, not logged."""
+    with pytest.raises(config.ConfigError, match=r"data\.n_train=64 \(prepared with 128\).*pipeline\.prepare data=toy"):
+        smoke("data.n_train=64")
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()]
+    )

@@ -1,6 +1,9 @@
 """Safe downloads: every file comes from a list of sources (a mirror first, then the canonical host), lands in a
 temporary file, and is renamed into place only once its checksum matches. Nothing half-written is ever left
-where a later stage could read it.
+where a later stage could read it, and neither is a file already in place that fails verification: it is deleted
+(after a warning naming its digest and the expected one) before any source is tried, so a failed download leaves
+the file missing, never corrupt. Deleted rather than quarantined: the raw folders are DVC outputs, so a kept copy
+would become part of the output, and a corrupt download is no one's work: the sources still hold the truth.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from pipeline.data import DataError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,48 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def download_hint(source: str) -> str:
+    """How to get verified raw files of ``source`` again: the download stage deletes and refetches bad ones."""
+    return f"Fetch it again: `python -m pipeline.download data={source}` (or `dvc repro download_{source}`)."
+
+
+def require_sha256(path: Path, sha256: str, source: str) -> None:
+    """Raise DataError unless ``path`` exists with this sha256: a later stage must not build from a raw file that
+    is missing or differs from the verified bytes."""
+    if not path.exists():
+        raise DataError(f"raw file {path} is missing. {download_hint(source)}")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise DataError(
+            f"raw file {path} is not verified: expected sha256 {sha256}, got {actual}. {download_hint(source)}"
+        )
+
+
+def discard_corrupt(path: Path, problem: str) -> None:
+    """Delete a file at its final place that fails verification, so no later stage can read it; say why."""
+    log.warning("%s fails verification (%s): deleting it so no later stage reads it", path, problem)
+    path.unlink(missing_ok=True)
+
+
+def verify_present(path: Path, sha256: str | None = None, check: Callable[[Path], None] | None = None) -> bool:
+    """True when ``path`` exists and verifies (by ``sha256`` if given, else by ``check``); a file that exists but
+    fails is deleted with a warning naming its digest and the expected one. False when missing or deleted."""
+    if not path.exists() or not (sha256 or check):
+        return False
+    if sha256:
+        actual = sha256_file(path)
+        if actual == sha256:
+            return True
+        discard_corrupt(path, f"sha256 {actual}, expected {sha256}")
+        return False
+    try:
+        check(path)
+        return True
+    except (DownloadError, tarfile.TarError) as err:
+        discard_corrupt(path, str(err))
+        return False
 
 
 def mirror_source(mirror: str | None, dataset: str, filename: str) -> Source | None:
@@ -120,9 +167,10 @@ def fetch(
     """Put a verified copy of a file at ``dest`` from the first source that yields one.
 
     ``sha256`` verifies the bytes; ``check`` may verify content instead (it raises DownloadError). A file already
-    at ``dest`` that verifies is kept and nothing is downloaded.
+    at ``dest`` that verifies is kept and nothing is downloaded; one that fails is deleted first, so a failed
+    download never leaves a corrupt file where later stages read.
     """
-    if dest.exists() and sha256 and sha256_file(dest) == sha256:
+    if verify_present(dest, sha256, check):
         log.info("%s: present and verified", dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,10 @@
 The canonical ``aclImdb_v1.tar.gz`` is verified by its sha256. A mirror may repack the reviews into other archives,
 so what is finally checked is the *content digest* of the 50,000 labelled reviews, the same for any faithful copy.
 The verified archive itself is the raw output; reviews are streamed from it, never extracted.
+
+The content digest costs seconds, so once it passes the download stage records the archive's sha256 beside it
+(``VERIFIED.sha256``, one deterministic ``sha256sum`` line). Later downloads and the prepare stage then verify the
+archive by its sha256 alone (a fraction of a second): the canonical archive's, or the recorded one.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import Dataset, split_off
-from pipeline.data.fetch import DownloadError, Source, fetch, give_up, mirror_source
+from pipeline.data import DataError, Dataset, atomic_write_bytes, split_off
+from pipeline.data.fetch import (
+    DownloadError,
+    Source,
+    download_hint,
+    fetch,
+    give_up,
+    mirror_source,
+    sha256_file,
+    verify_present,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +39,7 @@ ARCHIVE = "aclImdb_v1.tar.gz"
 ARCHIVE_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 REPACK = "aclImdb_labeled.tar.gz"  # a mirror's archive of the labelled part alone
 RAW_NAME = "reviews.tar.gz"  # the verified archive as kept under data/raw/imdb/
+RECORD_NAME = "VERIFIED.sha256"  # "<sha256>  reviews.tar.gz": written only once the archive passed check_content
 # sha256 over the sorted lines "aclImdb/<split>/<pos|neg>/<file>\t<sha256 of file>\n", split in train, test.
 CONTENT_DIGEST = "3a1bc6867d44017fb0273b44da36c399b999e7fd0427c388b57c67358d440db0"
 SPLITS, LABELS = ("train", "test"), ("neg", "pos")  # label id = position: neg 0, pos 1
@@ -71,17 +85,36 @@ def check_content(archive: Path) -> None:
         raise DownloadError(f"content digest mismatch: expected {CONTENT_DIGEST}, got {actual}")
 
 
+def recorded_sha256(raw: Path) -> str | None:
+    """The sha256 the download stage recorded for the archive whose content it checked, or None."""
+    try:
+        fields = (raw / RECORD_NAME).read_text().split()
+    except FileNotFoundError:
+        return None
+    return fields[0] if len(fields) == 2 and fields[1] == RAW_NAME else None
+
+
+def _record(raw: Path, archive: Path) -> None:
+    """Record the sha256 of an archive that just passed the content check (same bytes, same line: DVC no-op)."""
+    line = f"{sha256_file(archive)}  {RAW_NAME}\n".encode()
+    record = raw / RECORD_NAME
+    if not record.exists() or record.read_bytes() != line:
+        atomic_write_bytes(record, line)
+
+
 def download(out: Path, mirror: str | None, timeout: float) -> list[Path]:
     """Put a verified archive of the reviews at ``out/reviews.tar.gz``: the mirror's canonical archive or its
-    repack of the labelled reviews, else the canonical archive from the host."""
+    repack of the labelled reviews, else the canonical archive from the host. An archive present that fails
+    verification is deleted first, so a failed download leaves it missing, never corrupt."""
     target = out / RAW_NAME
-    if target.exists():
-        try:
-            check_content(target)
-            log.info("%s: present and verified", target)
-            return [target]
-        except DownloadError as err:
-            log.warning("%s fails verification (%s): fetching it again", target, err)
+    if target.exists() and sha256_file(target) in {ARCHIVE_SHA256, recorded_sha256(out)}:
+        log.info("%s: present and verified", target)
+        return [target]
+    if verify_present(target, check=check_content):  # verified before records existed: record it now
+        log.info("%s: present and verified by content", target)
+        _record(out, target)
+        return [target]
+    (out / RECORD_NAME).unlink(missing_ok=True)
     candidates = [
         (mirror_source(mirror, "imdb", ARCHIVE), ARCHIVE_SHA256),
         (mirror_source(mirror, "imdb", REPACK), None),
@@ -92,10 +125,34 @@ def download(out: Path, mirror: str | None, timeout: float) -> list[Path]:
         if source is None:
             continue
         try:
-            return [fetch(target, [source], sha256=sha, timeout=timeout, check=check_content)]
+            fetch(target, [source], sha256=sha, timeout=timeout, check=check_content)
         except DownloadError as err:
             failures.extend(err.failures)
+            continue
+        _record(out, target)
+        return [target]
     raise give_up("IMDB reviews", failures)
+
+
+def verify(raw: Path) -> None:
+    """Raise DataError unless ``raw/reviews.tar.gz`` is verified: its sha256 is the canonical archive's or the one
+    the download stage recorded after the content check (about 0.3 s). Only without such a match is the content
+    digest recomputed (seconds), so an archive verified before records existed still passes."""
+    archive = raw / RAW_NAME
+    if not archive.exists():
+        raise DataError(f"raw file {archive} is missing. {download_hint('imdb')}")
+    actual, recorded = sha256_file(archive), recorded_sha256(raw)
+    if actual in {ARCHIVE_SHA256, recorded}:
+        return
+    try:
+        check_content(archive)
+    except DownloadError as err:
+        raise DataError(
+            f"raw file {archive} is not verified: expected sha256 {ARCHIVE_SHA256} (the canonical archive) or "
+            f"{recorded or '(none recorded)'} (recorded by the download stage), got {actual}; content check: {err}. "
+            f"{download_hint('imdb')}"
+        ) from err
+    log.info("%s: verified by content (no download record matches it)", archive)
 
 
 def read_reviews(archive: Path) -> dict[str, tuple[list[str], np.ndarray]]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import Dataset, split_off
-from pipeline.data.fetch import Source, fetch, mirror_source
+from pipeline.data.fetch import Source, fetch, mirror_source, require_sha256
 
 # Canonical host first, then the copy torchvision uses (the canonical host often refuses scripted downloads).
 URL_BASES = ("https://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
@@ -32,12 +32,19 @@ class IDXError(ValueError):
 
 
 def download(out: Path, mirror: str | None, timeout: float) -> list[Path]:
-    """Fetch the four files, each from the mirror, then the canonical host, then the fallback host."""
+    """Fetch the four files, each from the mirror, then the canonical host, then the fallback host (a file
+    present that fails verification is deleted first, whether or not a source then supplies it)."""
     paths = []
     for name, sha in FILES.items():
         sources = [s for s in (mirror_source(mirror, "mnist", name), *(Source(b + name) for b in URL_BASES)) if s]
         paths.append(fetch(out / name, sources, sha256=sha, timeout=timeout))
     return paths
+
+
+def verify(raw: Path) -> None:
+    """Raise DataError unless the four files in ``raw`` have their canonical sha256 (about 0.1 s)."""
+    for name, sha in FILES.items():
+        require_sha256(raw / name, sha, "mnist")
 
 
 def read_idx(path: Path) -> np.ndarray:

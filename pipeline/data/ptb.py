@@ -15,7 +15,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import Dataset
-from pipeline.data.fetch import DownloadError, Source, fetch, give_up, mirror_source, safe_extract, sha256_file
+from pipeline.data.fetch import (
+    DownloadError,
+    Source,
+    fetch,
+    give_up,
+    mirror_source,
+    require_sha256,
+    safe_extract,
+    verify_present,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +39,13 @@ EXPECTED_TOKENS = {"train": 929_589, "val": 73_760, "test": 82_430}
 EOS, UNK = "<eos>", "<unk>"
 
 
-def _verified(path: Path, sha256: str) -> bool:
-    return path.exists() and sha256_file(path) == sha256
-
-
 def download(out: Path, mirror: str | None, timeout: float) -> list[Path]:
-    """Put the three verified text files in ``out``: from the mirror's copies, else from the canonical archive."""
+    """Put the three verified text files in ``out``: from the mirror's copies, else from the canonical archive.
+
+    Files present that fail verification are deleted first, so a failed download leaves them missing, not corrupt.
+    """
     wanted = {name: sha for name, sha in FILES.values()}
-    missing = {name: sha for name, sha in wanted.items() if not _verified(out / name, sha)}
+    missing = {name: sha for name, sha in wanted.items() if not verify_present(out / name, sha)}
     mirror_errors = []
     for name, sha in list(missing.items()):
         source = mirror_source(mirror, "ptb", name)
@@ -75,6 +83,12 @@ def _from_archive(out: Path, missing: dict[str, str], mirror: str | None, timeou
         safe_extract(archive, staged, _member_picker(list(missing)))
         for name, sha in missing.items():
             fetch(out / name, [Source(str(staged / name))], sha256=sha, timeout=timeout)
+
+
+def verify(raw: Path) -> None:
+    """Raise DataError unless the three text files in ``raw`` have their canonical sha256 (about 0.05 s)."""
+    for name, sha in FILES.values():
+        require_sha256(raw / name, sha, "ptb")
 
 
 def read_words(path: Path) -> list[str]:

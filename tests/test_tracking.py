@@ -1,0 +1,106 @@
+"""The tracking store: a store that cannot work fails at once with one message naming it and the fix."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import prepare, tracking, train
+from tests.conftest import REPO
+
+SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "trainer=smoke")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: nothing listens there
+
+
+def check(make_cfg, uri):
+    cfg = make_cfg(f"tracking.uri={uri}")
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.connect(cfg.tracking)
+    return str(caught.value)
+
+
+def test_a_relative_sqlite_path_is_refused_not_created_in_the_working_directory(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = check(make_cfg, "sqlite:///relative/mlflow.db")
+    assert "is relative" in message and "sqlite:////" in message
+    assert not list(tmp_path.glob("**/*.db")) and not (tmp_path / "mlruns").exists()
+
+
+def test_a_store_in_a_missing_folder_is_refused(make_cfg, tmp_path):
+    message = check(make_cfg, f"sqlite:///{tmp_path}/nowhere/mlflow.db")
+    assert f"{tmp_path}/nowhere does not exist" in message and not (tmp_path / "nowhere").exists()
+
+
+def test_a_garbage_store_is_refused_and_left_alone(make_cfg, tmp_path):
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"this is not a database\n" * 10)
+    message = check(make_cfg, f"sqlite:///{store}")
+    assert "not an SQLite database" in message
+    assert store.read_bytes() == b"this is not a database\n" * 10
+
+
+def test_a_read_only_store_is_refused(make_cfg, tmp_path):
+    """A read-only file system (root ignores file modes, so a read-only bind mount is the real case)."""
+    source, mount = tmp_path / "store", tmp_path / "ro"
+    source.mkdir()
+    mount.mkdir()
+    tracking.setup_experiment(make_cfg(f"tracking.uri=sqlite:///{source}/mlflow.db").tracking)
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root): no read-only file system to test with")
+    try:
+        message = check(make_cfg, f"sqlite:///{mount}/mlflow.db")
+        assert "read-only" in message
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_closed_port_fails_in_seconds_naming_the_server(make_cfg):
+    started = time.monotonic()
+    message = check(make_cfg, f"http://user:hunter2@127.0.0.1:{closed_port()}")
+    assert time.monotonic() - started < 30  # not MLflow's minutes of retries (a hang, not a speed check)
+    assert "user:***@127.0.0.1" in message and "hunter2" not in message and "make server" in message
+
+
+def test_training_against_a_dead_server_is_one_line_and_exit_1(make_cfg, tmp_path):
+    prepare.run(make_cfg(*SMALL))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        f"paths.root={tmp_path}",
+        *SMALL,
+        f"tracking.uri=http://127.0.0.1:{closed_port()}",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output and "cannot be used: no answer" in output
+
+
+def test_a_good_store_passes_and_the_retries_are_bounded(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    cfg = make_cfg("tracking.http_retries=1", "tracking.http_timeout=7")
+    tracking.setup_experiment(cfg.tracking)
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert (tmp_path / "mlflow.db").exists()
+
+
+def test_a_failed_run_keeps_its_error_in_mlflow(make_cfg):
+    prepare.run(make_cfg(*SMALL))
+    cfg = make_cfg(*SMALL, "optimizer.learning_rate=1e12", "tracking.run_name=diverges")
+    with pytest.raises(train.TrainingError, match="diverged"):
+        train.run(cfg)
+    client = tracking.connect(cfg.tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("rnnlab-toy").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "TrainingError: " in run.data.tags["error"] and "diverged" in run.data.tags["error"]
+    assert "diverged" in run.data.tags["mlflow.note.content"]
