@@ -19,10 +19,10 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-full lint format ui bench server server-stop clean
+.PHONY: help setup run test test-integration test-full lint format ui bench server server-stop clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv and install rnnlab with its pinned dependencies
 
@@ -38,10 +38,13 @@ $(STAMP): pyproject.toml
 run: setup ## the main job: the default DVC pipeline (prepare data, train, track in MLflow)
 	dvc repro
 
-test: setup ## the fast test suite (a few minutes)
-	pytest -m "not slow"
+test: setup ## the fast tier: unit and small integration tests on the toy data (about 2 minutes)
+	pytest -m "not integration and not slow"
 
-test-full: setup ## every test, slow ones included
+test-integration: setup ## the real-data pipeline, presets, team server, sweeps, real processes (about 15 minutes)
+	pytest -m "integration and not slow"
+
+test-full: setup ## every test: both tiers and the full-size training
 	pytest
 
 lint: setup ## ruff lint and format check
@@ -53,7 +56,7 @@ format: setup ## apply ruff's fixes and formatting
 	ruff format .
 
 ui: setup ## the MLflow dashboard on http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	python -m pipeline.ui
 
 bench: setup ## benchmark the training path against plain Keras -> reports/bench.{json,md} (after make run)
 	python -m pipeline.bench

@@ -49,13 +49,13 @@ CASES = {  # case name -> the preset, and overrides; bench.cases picks which run
 
 
 def case_config(cfg: DictConfig, case: tuple[str, ...], steps: int, store: Path) -> DictConfig:
-    """The preset's config, composed as `+experiment=<preset>` would be, with an "epoch" of ``steps`` steps and
+    """The preset's config, composed as `experiment=<preset>` would be, with an "epoch" of ``steps`` steps and
     tracking into a throw-away store."""
     preset, *overrides = case
     return compose(
         config_name="config",
         overrides=[
-            f"+experiment={preset}",
+            f"experiment={preset}",
             *overrides,
             f"paths.root={cfg.paths.root}",
             f"paths.data={cfg.paths.data}",
@@ -195,7 +195,7 @@ def prepare_seconds(cfg: DictConfig, store: Path) -> dict[str, float]:
     """Each dataset's prepare stage, from the raw files already downloaded, into a scratch folder."""
     out = {}
     for name in ("toy", "ptb", "mnist", "imdb"):
-        run_cfg = compose(config_name="config", overrides=[f"data={name}", f"paths.data={store}/data"])
+        run_cfg = compose(config_name="prepare", overrides=[f"data={name}", f"paths.data={store}/data"])
         raw = Path(cfg.paths.data) / "raw" / name
         if raw.exists():
             (store / "data" / "raw").mkdir(parents=True, exist_ok=True)
@@ -214,6 +214,7 @@ def cpu_model() -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    config.validate(cfg, "bench")
     unknown = [name for name in cfg.bench.cases if name not in CASES]
     if unknown:  # before any case runs: a typo in the last one must not cost the minutes of the others
         raise ValueError(f"bench.cases: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
@@ -252,7 +253,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     print((Path(cfg.paths.reports) / "bench.md").read_text() if run(cfg) else "")
 

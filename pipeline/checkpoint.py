@@ -122,7 +122,7 @@ class Checkpoint:
             if cause is None:
                 raise
             raise self._save_error(cause, epoch, previous) from err
-        self._remove_leftovers(state)
+        self._remove_leftovers(state, replaced=previous)
 
     def load(self) -> tuple[keras.Model, int, list[dict[str, float]]]:
         """The model (optimizer and random-generator states included), the epochs done, and the metrics so far."""
@@ -153,13 +153,16 @@ class Checkpoint:
             return None
         return state if isinstance(state, dict) and "epochs_done" in state else None
 
-    def _remove_leftovers(self, keep: dict[str, Any] | None) -> None:
-        """Remove all but the manifest and its model file: what a crash or a failed save left behind."""
+    def _remove_leftovers(self, keep: dict[str, Any] | None, replaced: dict[str, Any] | None = None) -> None:
+        """Remove all but the manifest and its model file: the model file of the checkpoint just ``replaced``, and
+        whatever a crash or a failed save left behind."""
         live = {MANIFEST, keep.get("model", LEGACY_MODEL)} if keep else set()
+        superseded = (replaced or {}).get("model", LEGACY_MODEL) if replaced else None
         for entry in self.folder.iterdir() if self.folder.is_dir() else ():
             if entry.name in live:
                 continue
-            log.info("removing %s, left by an interrupted checkpoint save", entry)
+            if entry.name != superseded:
+                log.info("removing %s, left by an interrupted checkpoint save", entry)
             try:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)

@@ -37,6 +37,9 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
+# The schema holds types only: every value lives in conf/ (one place), so a default cannot drift between the two.
+
+
 @dataclass
 class PathsConfig:
     root: str = MISSING
@@ -48,163 +51,224 @@ class PathsConfig:
 
 @dataclass
 class DownloadConfig:
-    mirror: str | None = None
-    timeout: float = 30.0
+    mirror: str | None = MISSING
+    timeout: float = MISSING
 
 
 @dataclass
-class ToyDataConfig:
-    name: str = "toy"
-    source: str = "toy"
-    kind: str = "classification"
-    min_len: int = 3
-    max_len: int = 20
-    max_value: int = 1000
-    n_train: int = 1000
-    n_val: int = 200
-    n_test: int = 500
-    pad_value: float = -1.0
-    seed: int = 1234
+class DataConfig:
+    name: str = MISSING
+    source: str = MISSING
+    kind: str = MISSING
 
 
 @dataclass
-class PTBDataConfig:
-    name: str = "ptb"
-    source: str = "ptb"
-    kind: str = "language_model"
-    vocab_size: int = 10_000
+class ToyDataConfig(DataConfig):
+    min_len: int = MISSING
+    max_len: int = MISSING
+    max_value: int = MISSING
+    n_train: int = MISSING
+    n_val: int = MISSING
+    n_test: int = MISSING
+    pad_value: float = MISSING
+    seed: int = MISSING
 
 
 @dataclass
-class IMDBDataConfig:
-    name: str = "imdb"
-    source: str = "imdb"
-    kind: str = "classification"
-    vocab_size: int = 10_000
-    max_len: int = 80
-    truncate: str = "pre"
-    standardize: str = "lower_and_strip_punctuation"
-    val_size: int = 2_500
-    seed: int = 1234
+class PTBDataConfig(DataConfig):
+    vocab_size: int = MISSING
 
 
 @dataclass
-class MNISTDataConfig:
-    name: str = "mnist"
-    source: str = "mnist"
-    kind: str = "classification"
-    val_size: int = 5_000
-    seed: int = 1234
+class IMDBDataConfig(DataConfig):
+    vocab_size: int = MISSING
+    max_len: int = MISSING
+    truncate: str = MISSING
+    standardize: str = MISSING
+    val_size: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class MNISTDataConfig(DataConfig):
+    val_size: int = MISSING
+    seed: int = MISSING
 
 
 @dataclass
 class ModelConfig:
-    cell: str = "lstm"
-    bidirectional: bool = False
-    layers: int = 1
-    units: int = 64
-    dropout: float = 0.0
-    recurrent_dropout: float = 0.0
-    unroll: bool = False
-    embedding_dim: int | None = None
-    init_scale: float | None = None
+    cell: str = MISSING
+    bidirectional: bool = MISSING
+    layers: int = MISSING
+    units: int = MISSING
+    dropout: float = MISSING
+    recurrent_dropout: float = MISSING
+    unroll: bool = MISSING
+    embedding_dim: int | None = MISSING
+    init_scale: float | None = MISSING
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"
-    learning_rate: float = 1e-3
-    clip_global_norm: float | None = None
-    lr_decay: float = 1.0
-    lr_decay_start: int = 0
-    momentum: float = 0.0
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    rho: float = 0.9
-    epsilon: float = 1e-7
+    """What every optimizer has; each one adds its own keys (and logs only those)."""
+
+    name: str = MISSING
+    learning_rate: float = MISSING
+    clip_global_norm: float | None = MISSING
+    lr_decay: float = MISSING
+    lr_decay_start: int = MISSING
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    momentum: float = MISSING
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    beta_1: float = MISSING
+    beta_2: float = MISSING
+    epsilon: float = MISSING
+
+
+@dataclass
+class RMSpropConfig(OptimizerConfig):
+    rho: float = MISSING
+    momentum: float = MISSING
+    epsilon: float = MISSING
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 30
-    max_epochs: int | None = None
-    batch_size: int = 32
-    bptt_steps: int = 35
-    max_steps_per_epoch: int | None = None
-    max_eval_batches: int | None = None
-    early_stopping_patience: int | None = None
-    deterministic: bool = True
-    jit_compile: bool = False
-    precision: str = "float32"
-    steps_per_execution: int = 10
-    distribute: bool = False
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    verbose: int = 2
-    checkpoint: bool = True
-    resume: bool = False
-    resume_run_id: str | None = None
-    generate_words: int = 20
-    divergence_factor: float | None = 10.0
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    bptt_steps: int = MISSING
+    max_steps_per_epoch: int | None = MISSING
+    max_eval_batches: int | None = MISSING
+    early_stopping_patience: int | None = MISSING
+    deterministic: bool = MISSING
+    jit_compile: bool = MISSING
+    precision: str = MISSING
+    steps_per_execution: int = MISSING
+    distribute: bool = MISSING
+    intra_op_threads: int = MISSING
+    inter_op_threads: int = MISSING
+    verbose: int = MISSING
+    checkpoint: bool = MISSING
+    resume: bool = MISSING
+    resume_run_id: str | None = MISSING
+    generate_words: int = MISSING
+    divergence_factor: float | None = MISSING
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = MISSING
     uri: str = MISSING
     artifact_location: str | None = MISSING
     experiment: str = MISSING
-    run_name: str | None = None
-    sweep_name: str | None = None
-    log_model: bool = True
-    connect_timeout: float = 5.0
-    http_retries: int = 2
-    http_timeout: float = 15.0
-
-
-@dataclass
-class GenerateConfig:
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    run_id: str | None = None
-    model_uri: str | None = None
-    prime: str = "the company said"
-    words: int = 30
-    strategy: str = "sample"
-    temperature: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    run_name: str | None = MISSING
+    sweep_name: str | None = MISSING
+    log_model: bool = MISSING
+    connect_timeout: float = MISSING
+    http_retries: int = MISSING
+    http_timeout: float = MISSING
 
 
 @dataclass
 class ReportConfig:
-    experiments: str = "rnnlab-%"
-    include_capped: bool = False
+    experiments: str = MISSING
+    include_capped: bool = MISSING
 
 
 @dataclass
 class BenchConfig:
-    cases: list[str] = field(
-        default_factory=lambda: ["ptb_small_lstm", "ptb_small_lstm_float32", "imdb_lstm", "mnist_lstm"]
-    )
-    steps: int = 100
-    rounds: int = 5
-    pipeline_overheads: bool = True
+    cases: list[str] = MISSING
+    steps: int = MISSING
+    rounds: int = MISSING
+    pipeline_overheads: bool = MISSING
+
+
+# One top-level config per entry point (conf/<name>.yaml), each holding only what it reads.
 
 
 @dataclass
 class Config:
+    """Training (conf/config.yaml)."""
+
     paths: PathsConfig = field(default_factory=PathsConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
     data: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = MISSING
+    export: bool = MISSING
+
+
+@dataclass
+class DownloadTop:
+    """The download stage (conf/download.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: Any = MISSING
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+
+
+@dataclass
+class PrepareTop:
+    """The prepare stage (conf/prepare.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: Any = MISSING
+
+
+@dataclass
+class ReportTop:
+    """The report stage (conf/report.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+
+@dataclass
+class BenchTop:
+    """The benchmark (conf/bench.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
-    seed: int = 42
-    export: bool = False
+
+
+@dataclass
+class UIConfig:
+    host: str = MISSING
+    port: int = MISSING
+
+
+@dataclass
+class UITop:
+    """The MLflow dashboard (conf/ui.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
+
+
+@dataclass
+class GenerateConfig:
+    """Text generation (conf/generate.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run_id: str | None = MISSING
+    model_uri: str | None = MISSING
+    prime: str = MISSING
+    words: int = MISSING
+    strategy: str = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    seed: int = MISSING
 
 
 # data.source -> its schema. data.name may differ (a variant such as imdb_long gets its own prepared folder).
@@ -214,6 +278,16 @@ DATA_SCHEMAS: dict[str, type] = {
     "imdb": IMDBDataConfig,
     "mnist": MNISTDataConfig,
 }
+OPTIMIZER_SCHEMAS: dict[str, type] = {"sgd": SGDConfig, "adam": AdamConfig, "rmsprop": RMSpropConfig}
+TOP_SCHEMAS: dict[str, type] = {
+    "config": Config,
+    "download": DownloadTop,
+    "prepare": PrepareTop,
+    "report": ReportTop,
+    "bench": BenchTop,
+    "generate": GenerateConfig,
+    "ui": UITop,
+}
 
 
 def register() -> None:
@@ -221,24 +295,43 @@ def register() -> None:
     if not OmegaConf.has_resolver("rnnlab.root"):
         OmegaConf.register_new_resolver("rnnlab.root", lambda: os.environ.get("RNNLAB_ROOT", str(ROOT)))
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(name="generate_schema", node=GenerateConfig)
+    for name, schema in TOP_SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
     for name, schema in DATA_SCHEMAS.items():
         cs.store(group="data", name=f"{name}_schema", node=schema)
+    for name, schema in OPTIMIZER_SCHEMAS.items():
+        cs.store(group="optimizer", name=f"{name}_schema", node=schema)
     _explain_unknown_overrides()
 
 
-RUNTIME_KEYS = ("trainer.resume", "trainer.resume_run_id", "trainer.verbose", "tracking.run_name")
+RESULT_SECTIONS = ("data", "model", "optimizer", "trainer", "seed")
+# Trainer keys that say how to run, not what comes out: verbosity, checkpoints, resuming, threads, samples, guards.
+RUNTIME_KEYS = (
+    "verbose",
+    "checkpoint",
+    "resume",
+    "resume_run_id",
+    "intra_op_threads",
+    "inter_op_threads",
+    "generate_words",
+    "divergence_factor",
+)
+
+
+def result_config(cfg: DictConfig) -> dict[str, Any]:
+    """What determines a training run's result: data, model, optimizer, trainer (less its runtime keys) and seed.
+    These, and only these, are a run's MLflow params and its resume fingerprint: no paths, stores or stage settings,
+    so a run started by ``dvc repro`` is the same run when resumed from a shell."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    result = {key: resolved[key] for key in RESULT_SECTIONS}
+    result["trainer"] = {k: v for k, v in result["trainer"].items() if k not in RUNTIME_KEYS}
+    return result
 
 
 def fingerprint(cfg: DictConfig) -> str:
-    """sha256 of the resolved config minus the keys that do not change results (verbosity, resume switches): two
-    runs with the same fingerprint train the same model, so one may resume the other."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for dotted in RUNTIME_KEYS:
-        section, key = dotted.split(".")
-        resolved.get(section, {}).pop(key, None)
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """sha256 of ``result_config``: two runs with the same fingerprint train the same model, so one may resume the
+    other."""
+    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -314,7 +407,6 @@ BOUNDS: dict[str, Bound] = {
     "optimizer.rho": FRACTION,
     "optimizer.epsilon": POSITIVE,
     "trainer.epochs": COUNT,
-    "trainer.max_epochs": _cap("no cap"),
     "trainer.batch_size": COUNT,
     "trainer.bptt_steps": COUNT,
     "trainer.max_steps_per_epoch": _cap("the whole training set"),
@@ -323,7 +415,7 @@ BOUNDS: dict[str, Bound] = {
     "trainer.steps_per_execution": COUNT,
     "trainer.intra_op_threads": Bound(0, note=" (0 = TensorFlow's choice)"),
     "trainer.inter_op_threads": Bound(0, note=" (0 = TensorFlow's choice)"),
-    "trainer.verbose": Bound(0, 2, note=" (1 = a progress bar; 0 or 2 = one line per epoch)"),
+    "trainer.verbose": Bound(0, 2, note=" (1 = a progress bar on a terminal; 0 or 2 = one line per epoch)"),
     "trainer.generate_words": Bound(0, note=" (0 = no samples)"),
     "trainer.divergence_factor": Bound(1, low_open=True, nullable=True, note=" (null = never stop)"),
     "tracking.connect_timeout": POSITIVE,
@@ -331,6 +423,7 @@ BOUNDS: dict[str, Bound] = {
     "tracking.http_timeout": Bound(1, note=" (whole seconds)"),
     "bench.steps": COUNT,
     "bench.rounds": COUNT,
+    "ui.port": Bound(1, 65535),
 }
 DATA_BOUNDS: dict[str, dict[str, Bound]] = {
     "toy": {
@@ -382,26 +475,25 @@ def _override(value: Any) -> str:
     return _num(value) if isinstance(value, int | float) and math.isfinite(value) else str(value)
 
 
+_ABSENT = object()
+
+
 def _check_table(
     cfg: DictConfig,
-    defaults: DictConfig,
     bounds: Mapping[str, Bound],
     choices: Mapping[str, tuple[str, tuple[str, ...]]],
 ) -> None:
-    """Each key of ``bounds`` in its range and each key of ``choices`` one of its values; the message names the
-    key, the value, the valid values and an example that works (the schema's default)."""
+    """Each key of ``bounds`` in its range and each key of ``choices`` one of its values (keys this config does not
+    have are skipped); the message names the key, the value and the valid values."""
     for key, bound in bounds.items():
-        value = OmegaConf.select(cfg, key)
-        if not bound.admits(value):
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not bound.admits(value):
             finite = " and finite" if isinstance(value, float) and not math.isfinite(value) else ""
-            example = _override(OmegaConf.select(defaults, key))
-            raise ConfigError(
-                f"{key}: must be {bound.describe()}{finite}{bound.note}, got {_override(value)}; "
-                f"e.g. {key}={example} (the default)"
-            )
+            raise ConfigError(f"{key}: must be {bound.describe()}{finite}{bound.note}, got {_override(value)}")
     for key, (noun, allowed) in choices.items():
-        value = OmegaConf.select(cfg, key)
-        _check(value in allowed, key, f"unknown {noun} {value!r}; choose one of {', '.join(allowed)}")
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            _check(value in allowed, key, f"unknown {noun} {value!r}; choose one of {', '.join(allowed)}")
 
 
 def _check_schema(cfg: DictConfig, schema: DictConfig, resolve: bool = True) -> None:
@@ -412,43 +504,66 @@ def _check_schema(cfg: DictConfig, schema: DictConfig, resolve: bool = True) -> 
         raise ConfigError(explain_unknown_key(str(err)) or f"invalid config: {err}") from err
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Fail early, naming the key, its value and the valid ones, on values the schema types cannot rule out."""
-    source = cfg.data.get("source")
-    _check(source in DATA_SCHEMAS, "data.source", f"unknown dataset {source!r}; choose one of {tuple(DATA_SCHEMAS)}")
-    schema = OmegaConf.structured(Config)
-    schema.data = OmegaConf.structured(DATA_SCHEMAS[source])
-    _check_schema(cfg, schema)
-    bounds, choices = {**BOUNDS, **DATA_BOUNDS[source]}, {**CHOICES, **DATA_CHOICES.get(source, {})}
-    _check_table(cfg, schema, bounds, choices)
-    d, t = cfg.data, cfg.trainer
-    kind = schema.data.kind
-    _check(d.kind == kind, "data.kind", f"{source} is a {kind} dataset, got {d.kind!r}; drop the override")
-    _check(
-        bool(NAME.fullmatch(d.name)),
-        "data.name",
-        f"names the folder data/prepared/<name>: letters, digits, '_', '-' and '.' only, got {d.name!r}",
-    )
-    for key in ("tracking.uri", "tracking.experiment", "report.experiments"):
-        _check(bool(OmegaConf.select(cfg, key)), key, "must not be empty")
-    _check(len(cfg.bench.cases) >= 1, "bench.cases", "name at least one case")
-    _check(
-        not (t.jit_compile and t.deterministic),
-        "trainer.jit_compile",
-        "Keras turns XLA off while TF's op determinism is on; also set trainer.deterministic=false",
-    )
-    if source == "toy":
+DATA_KINDS = {"toy": "classification", "ptb": "language_model", "imdb": "classification", "mnist": "classification"}
+
+
+def schema_of(cfg: DictConfig, top: str = "config") -> DictConfig:
+    """The schema of entry point ``top`` with the data and optimizer sections this config picked."""
+    schema = OmegaConf.structured(TOP_SCHEMAS[top])
+    if "data" in cfg:
+        source = cfg.data.get("source")
+        _check(source in DATA_SCHEMAS, "data.source", f"unknown dataset {source!r}; choose one of {(*DATA_SCHEMAS,)}")
+        schema.data = OmegaConf.structured(DATA_SCHEMAS[source])
+    if "optimizer" in cfg:
+        name = cfg.optimizer.get("name")
+        _check(name in OPTIMIZER_SCHEMAS, "optimizer.name", f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+        schema.optimizer = OmegaConf.structured(OPTIMIZER_SCHEMAS[name])
+    return schema
+
+
+def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
+    """Fail early, naming the key, its value and the valid ones, on values the schema types cannot rule out.
+    ``top`` names the entry point (conf/<top>.yaml); of a larger config (a training config handed to ``prepare``)
+    only the sections that entry point reads are checked."""
+    cfg = OmegaConf.masked_copy(cfg, [f.name for f in fields(TOP_SCHEMAS[top]) if f.name in cfg])
+    _check_schema(cfg, schema_of(cfg, top), resolve=top != "report")  # the report names no dataset
+    bounds, choices = dict(BOUNDS), dict(CHOICES)
+    if "data" in cfg:
+        d, source = cfg.data, cfg.data.source
+        bounds.update(DATA_BOUNDS[source])
+        choices.update(DATA_CHOICES.get(source, {}))
+        kind = DATA_KINDS[source]
+        _check(d.kind == kind, "data.kind", f"{source} is a {kind} dataset, got {d.kind!r}; drop the override")
+        _check(
+            bool(NAME.fullmatch(d.name)),
+            "data.name",
+            f"names the folder data/prepared/<name>: letters, digits, '_', '-' and '.' only, got {d.name!r}",
+        )
+    _check_table(cfg, bounds, choices)
+    if OmegaConf.select(cfg, "data.source") == "toy":
+        d = cfg.data
         _check(d.min_len <= d.max_len, "data.min_len", f"need 1 <= data.min_len <= data.max_len, got {d.min_len}")
         _check(d.max_value > d.max_len, "data.max_value", "must exceed data.max_len so that a linear run fits")
+    for key in ("tracking.uri", "report.experiments"):
+        _check(OmegaConf.select(cfg, key, default="set") != "", key, "must not be empty")
+    if "bench" in cfg:
+        _check(len(cfg.bench.cases) >= 1, "bench.cases", "name at least one case")
+    if "trainer" in cfg:
+        t = cfg.trainer
+        _check(
+            not (t.jit_compile and t.deterministic),
+            "trainer.jit_compile",
+            "Keras turns XLA off while TF's op determinism is on; also set trainer.deterministic=false",
+        )
+        _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty")
     return cfg
 
 
 def validate_generate(cfg: DictConfig) -> DictConfig:
     """The generate config's checks (``conf/generate.yaml``); the vocabulary bound of ``top_k`` is checked once
     the run's vocabulary is loaded."""
-    defaults = OmegaConf.structured(GenerateConfig)
-    _check_schema(cfg, defaults, resolve=False)  # tracking.experiment names a dataset that generate has not
-    _check_table(cfg, defaults, GENERATE_BOUNDS, {"strategy": ("strategy", STRATEGIES)})
+    _check_schema(cfg, OmegaConf.structured(GenerateConfig), resolve=False)  # tracking.experiment names no dataset
+    _check_table(cfg, GENERATE_BOUNDS, {"strategy": ("strategy", STRATEGIES)})
     _check(
         bool(cfg.run_id or cfg.model_uri),
         "run_id",
@@ -461,17 +576,16 @@ def validate_generate(cfg: DictConfig) -> DictConfig:
 SCHEMAS: dict[str, type] = {
     schema.__name__: schema
     for schema in (
-        Config,
-        GenerateConfig,
+        *TOP_SCHEMAS.values(),
         PathsConfig,
         DownloadConfig,
         ModelConfig,
-        OptimizerConfig,
         TrainerConfig,
         TrackingConfig,
         ReportConfig,
         BenchConfig,
         *DATA_SCHEMAS.values(),
+        *OPTIMIZER_SCHEMAS.values(),
     )
 }
 _NOT_IN = re.compile(r"Key '(?P<key>[^']+)' not in '(?P<schema>\w+)'")

@@ -32,7 +32,7 @@ VERIFIERS = {"ptb": ptb.verify, "imdb": imdb.verify, "mnist": mnist.verify}  # r
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build the dataset ``cfg.data`` describes and write it; return its stats."""
-    config.validate(cfg)
+    config.validate(cfg, "prepare")
     started = time.perf_counter()
     raw = raw_dir(cfg)
     if cfg.data.source != "toy" and not raw.exists():
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return dataset.stats
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

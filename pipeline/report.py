@@ -1,11 +1,12 @@
 """Report stage: MLflow runs -> leaderboards (Markdown, CSV) and plots (PNG) under ``reports/``.
 
 python -m pipeline.report                      # every finished run in the local store
-python -m pipeline.report report.include_capped=true   # smoke runs too
+python -m pipeline.report report.include_capped=true   # runs with a capped evaluation (budget=smoke) too
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import matplotlib
 import pandas as pd
 from omegaconf import DictConfig
 
-from pipeline import config, tracking
+from pipeline import config, data, tracking
 from pipeline.redaction import redact
 
 matplotlib.use("Agg")  # files only, no display
@@ -66,7 +67,8 @@ def leaderboard(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     table["epochs"] = pd.to_numeric(table["epochs"], errors="coerce").astype("Int64")
     for col in (f"best val {metric}", f"test {metric}"):
         table[col] = table[col].astype(float).round(4)
-    table = table.sort_values(f"test {metric}", ascending=not higher, kind="stable").reset_index(drop=True)
+    # Choose on validation, report on test: ranking by the test metric would select on the test set.
+    table = table.sort_values(f"best val {metric}", ascending=not higher, kind="stable").reset_index(drop=True)
     order = [
         "run",
         "cell",
@@ -182,23 +184,57 @@ def remove_stale(out: Path, written: list[Path]) -> list[Path]:
     return stale
 
 
+INDEX = ".index.json"  # the runs the report was last made from (git-ignored: run ids differ between clones)
+
+
+def store_name(cfg: DictConfig) -> str:
+    """The store as a reader of the committed report should see it: a local store relative to the checkout (no
+    machine's absolute path), a server without its password."""
+    uri = redact(cfg.tracking.uri)
+    root = Path(cfg.paths.root).resolve()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_relative_to(root):
+            return f"sqlite:///{path.relative_to(root)} (in the checkout)"
+    return uri
+
+
+def up_to_date(out: Path, index: dict) -> bool:
+    """The report in ``out`` was made from exactly these runs and all its files are there: nothing to redo."""
+    try:
+        previous = json.loads((out / INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    return previous == index and (out / "README.md").exists()
+
+
 def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
     """Write a leaderboard per dataset, the plots and ``reports/README.md``, and remove the previous report's
     files that this one does not replace; return the leaderboards."""
+    config.validate(cfg, "report")
     out = Path(cfg.paths.reports)
     for folder in OWNED:  # DVC's outputs, even when there is nothing to put in them
         (out / folder).mkdir(parents=True, exist_ok=True)
     runs = tracking.finished_runs(cfg.tracking.uri, cfg.report.experiments)
     finished = len(runs)
-    if not runs.empty and not cfg.report.include_capped and "params.trainer.max_steps_per_epoch" in runs:
-        runs = runs[runs["params.trainer.max_steps_per_epoch"].isin(["None", None])]
+    # A capped evaluation (budget=smoke) measures a few batches of val and test: not comparable, left out. A capped
+    # training epoch is a budget like any other (the default pipeline's PTB run has one) and is reported.
+    if not runs.empty and not cfg.report.include_capped and "params.trainer.max_eval_batches" in runs:
+        runs = runs[runs["params.trainer.max_eval_batches"].isin(["None", None])]
+    index = {
+        "store": store_name(cfg),
+        "experiments": cfg.report.experiments,
+        "runs": sorted(f"{r.run_id} {r.end_time}" for r in runs.itertuples()) if not runs.empty else [],
+    }
+    if up_to_date(out, index):
+        log.info("report up to date: the same %d finished runs as last time (%s)", len(index["runs"]), out)
+        return {}
     boards: dict[str, pd.DataFrame] = {}
     written: list[Path] = []
-    where = redact(cfg.tracking.uri)
-    sections = ["# rnnlab report", "", f"Runs from `{where}` (experiments `{cfg.report.experiments}`)."]
+    sections = ["# rnnlab report", "", f"Runs from `{index['store']}` (experiments `{cfg.report.experiments}`)."]
     if runs.empty or "tags.dataset" not in runs:
         sections.append(
-            f"\nNo full-budget runs: {finished} finished run(s) had a step cap (e.g. trainer=smoke); "
+            f"\nNo comparable runs: {finished} finished run(s) had a capped evaluation (e.g. budget=smoke); "
             "report.include_capped=true reports them."
             if finished
             else "\nNo finished runs yet: train something first (`make run`)."
@@ -212,11 +248,12 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
             sections += [f"![{p.stem}](figures/{p.name})" for p in files if p.suffix == ".png"]
     remove_stale(out, written)
     (out / "README.md").write_text("\n".join(sections) + "\n")
+    data.write_json(out / INDEX, index)
     log.info("report for %s -> %s", sorted(boards), out)
     return boards
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

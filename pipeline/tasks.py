@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import multiprocessing
+import sys
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from pipeline import models
 from pipeline.data import Dataset
@@ -147,30 +150,47 @@ class Task:
         else:
             model.make_test_function()
             step = model.test_function
-        batches = math.ceil(len(x) / self.batch_size)
-        progress = keras.utils.Progbar(batches) if verbose == 1 else None
+        progress = self.progress_bar(math.ceil(len(x) / self.batch_size), epoch, verbose)
         full = len(x) // self.batch_size * self.batch_size
         done = 0
         model.reset_metrics()
-        for part in (slice(0, full), slice(full, len(x))):
-            size = min(self.batch_size, part.stop - part.start)  # the short batch is a batch of its own size
-            if size == 0:
-                continue
-            end = done + (part.stop - part.start) // size  # batch count once this part is through
-            dataset = tf.data.Dataset.from_tensor_slices((x[part], y[part])).batch(size, drop_remainder=True)
-            dataset = dataset.prefetch(2).with_options(NO_AUTOTUNE)
-            iterator = iter(model.distribute_strategy.experimental_distribute_dataset(dataset))
-            while done < end:
-                logs = step(iterator)
-                first, done = done + 1, min(done + model.steps_per_execution, end)
-                loss = float(logs["loss"])
-                if training:
-                    self.check_loss(
-                        loss, f"epoch {epoch + 1}, " + (f"batch {done}" if first == done else f"batches {first}-{done}")
-                    )
-                if progress is not None:
-                    progress.update(done, [("loss", loss)])
+        with progress:  # closed (and cleared) even when the divergence guard stops the epoch
+            for part in (slice(0, full), slice(full, len(x))):
+                size = min(self.batch_size, part.stop - part.start)  # the short batch is a batch of its own size
+                if size == 0:
+                    continue
+                end = done + (part.stop - part.start) // size  # batch count once this part is through
+                dataset = tf.data.Dataset.from_tensor_slices((x[part], y[part])).batch(size, drop_remainder=True)
+                dataset = dataset.prefetch(2).with_options(NO_AUTOTUNE)
+                iterator = iter(model.distribute_strategy.experimental_distribute_dataset(dataset))
+                while done < end:
+                    logs = step(iterator)
+                    first, done = done + 1, min(done + model.steps_per_execution, end)
+                    loss = float(logs["loss"])
+                    if training:
+                        batch = f"batch {done}" if first == done else f"batches {first}-{done}"
+                        self.check_loss(loss, f"epoch {epoch + 1}, {batch}")
+                    self.show_progress(progress, done, loss)
         return {k: float(v) for k, v in model.get_metrics_result().items()}
+
+    def progress_bar(self, batches: int, epoch: int, verbose: int) -> tqdm:
+        """``trainer.verbose`` 1: a progress bar over the epoch's batches, on stderr, when stderr is a terminal and
+        this is not a parallel sweep's worker (their bars would overwrite each other). Otherwise a disabled bar that
+        prints nothing: DVC, CI and log files get only the one line per epoch that ``pipeline.train`` logs."""
+        terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        show = verbose == 1 and terminal and multiprocessing.parent_process() is None
+        desc = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
+        return tqdm(total=batches, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=not show)
+
+    def show_progress(self, progress: tqdm, done: int, loss: float) -> None:
+        """Move the bar to ``done`` batches, with the running loss as the epoch line names it (per token, and the
+        perplexity, for a language model). Once per ``steps_per_execution`` call; tqdm redraws at most 10 times a
+        second."""
+        if progress.disable:
+            return
+        shown = {name.split("/")[-1]: f"{value:.4g}" for name, value in self.metrics("", {"loss": loss}).items()}
+        progress.set_postfix(shown, refresh=False)
+        progress.update(done - progress.n)
 
     def chance_loss(self) -> float:
         """The loss of a model that knows nothing (uniform over the classes): where training starts, and the

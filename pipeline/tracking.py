@@ -35,6 +35,7 @@ from mlflow.models import infer_signature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipeline.config import result_config  # noqa: E402
 from pipeline.redaction import redact, redact_file, redacted  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -429,10 +430,9 @@ def start_run(
     run = _open_run(cfg, client, tags, experiment_id, resume_run_id)
     tracker = Tracker(client, run.info.run_id, interrupts)
     try:
-        if not resume_run_id:
-            resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
-            tracker.log_params(flatten(resolved))
-            tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        if not resume_run_id:  # params: what determines the result; the artifact: the whole config as it ran
+            tracker.log_params({**flatten(redacted(result_config(cfg))), "precision": tags.get("precision")})
+            tracker.log_text(OmegaConf.to_yaml(redacted(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
         parent = sweep_parent()
         sweep_tags = {"sweep": _sweep_name(client, parent), "sweep_parent": parent} if parent else {}
         tracker.set_tags({**tags, **sweep_tags})

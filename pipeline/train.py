@@ -1,10 +1,10 @@
 """Training stage: train the configured model on a prepared dataset and track it in MLflow.
 
 python -m pipeline.train                                 # toy task, LSTM, default budget
-python -m pipeline.train +experiment=ptb_small           # a named preset
-python -m pipeline.train model=gru trainer=smoke         # any group option
+python -m pipeline.train experiment=ptb_small            # a named preset
+python -m pipeline.train model=gru budget=smoke          # any group option
 python -m pipeline.train -m model=rnn,lstm,gru           # a Hydra multirun sweep
-python -m pipeline.train +experiment=ptb_small trainer.resume=true   # continue an interrupted run
+python -m pipeline.train experiment=ptb_small trainer.resume=true    # continue an interrupted run
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 config.register()
 
 TrainingError = tasks.TrainingError
+PRESET_GROUPS = ("+experiment=", "+sweep=", "+budget=")
 USER_ERRORS = (TrainingError, tracking.TrackingError, data.DataError, config.ConfigError, CheckpointError)
 
 
@@ -157,7 +158,7 @@ def train_epochs(
     """The epoch loop, from the first epoch not in ``history``: train, validate, checkpoint, log, early stop."""
     best = min((h["val/loss"] for h in history), default=math.inf)
     waited = 0
-    epochs = min(cfg.trainer.epochs, cfg.trainer.max_epochs or cfg.trainer.epochs)
+    epochs = cfg.trainer.epochs
     for epoch in range(len(history), epochs):
         metrics = task.fit_epoch(epoch)
         history.append(metrics)
@@ -263,6 +264,8 @@ def main(cfg: DictConfig) -> float:
 def cli() -> None:
     """``python -m pipeline.train``: Hydra's app, plus the truth about a sweep that stopped early (its parent run
     ends KILLED or FAILED, the exit code is non-zero) and one line instead of a traceback on an interrupt."""
+    # Presets, sweeps and budgets are config groups (experiment=ptb_small); the older +experiment= form still works.
+    sys.argv = [arg[1:] if arg.startswith(PRESET_GROUPS) else arg for arg in sys.argv]
     interrupts = tracking.Interrupts()
     with sigterm_as_interrupt(interrupts):  # a sweep's own process: launchers' workers are stopped on the way out
         try:

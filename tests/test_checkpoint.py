@@ -120,6 +120,7 @@ def crash_between_model_and_state(tmp_path, module: str = "pipeline.checkpoint")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
+@pytest.mark.integration  # a real process
 def test_a_crash_between_model_and_state_leaves_the_previous_checkpoint(tmp_path):
     crash_between_model_and_state(tmp_path)
     ckpt = Checkpoint(tmp_path / "run")
@@ -365,6 +366,7 @@ save_model_atomic(seeded_model(), sys.argv[1])
 """
 
 
+@pytest.mark.integration  # a real process
 def test_identically_seeded_models_save_identical_bytes_in_one_process_and_in_another(tmp_path):
     """Two models built and trained alike, here and in a fresh process (as each clone's `make run` does)."""
     other = tmp_path / "other.keras"
@@ -381,9 +383,9 @@ def test_identically_seeded_models_save_identical_bytes_in_one_process_and_in_an
     assert one == (tmp_path / "two.keras").read_bytes() == other.read_bytes()
 
 
-def test_training_onto_a_full_disk_ends_the_run_failed_with_the_reason(small_disk, make_cfg, tmp_path):
+def test_training_onto_a_full_disk_ends_the_run_failed_with_the_reason(small_disk, make_cfg, tmp_path, mlflow_store):
     """The run's own view: the store still works, so the run ends FAILED with why, and the message says how to go on."""
-    small = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "trainer=smoke", f"paths.checkpoints={small_disk}")
+    small = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "budget=smoke", f"paths.checkpoints={small_disk}")
     prepare.run(make_cfg(*small))
     fill(small_disk, leave=16 * 1024)
     with pytest.raises(DiskFullError) as info:

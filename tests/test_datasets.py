@@ -17,8 +17,7 @@ from omegaconf import OmegaConf
 from pipeline import data, download, prepare
 from pipeline.data import imdb, mnist, ptb
 from pipeline.data.fetch import DownloadError
-from tests.conftest import REPO, mirror_path, needs_mirror
-from tests.test_fetch import make_tar
+from tests.conftest import REPO, make_tar, mirror_path, needs_mirror
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: refused at once, so no test depends on internet access
 
@@ -138,7 +137,7 @@ def test_imdb_archive_with_other_content_is_rejected(tmp_path):
 
 def test_prepare_without_download_says_what_to_run(make_cfg):
     with pytest.raises(data.DataError, match=r"python -m pipeline.download data=mnist"):
-        prepare.run(make_cfg("data=mnist"))
+        prepare.run(make_cfg("data=mnist", top="prepare"))
 
 
 # --- The real datasets, from the mirror ----------------------------------------------------------------------
@@ -147,7 +146,7 @@ def real(make_cfg, monkeypatch):
     monkeypatch.setenv("RNNLAB_DATA_MIRROR", str(mirror_path()))
 
     def run(name, *overrides):
-        cfg = make_cfg(f"data={name}", *overrides)
+        cfg = make_cfg(f"data={name}", *overrides, top="download")
         download.run(cfg)
         download.run(cfg)  # a second run keeps the verified files
         return cfg, prepare.run(cfg)
@@ -222,7 +221,7 @@ def test_corrupt_mirror_file_is_reported_and_leaves_nothing(tmp_path, make_cfg, 
     victim.write_bytes(victim.read_bytes()[:-10])  # truncated copy
     # The sources are explicit: this mirror, then hosts that refuse at once (online or not).
     monkeypatch.setattr(mnist, "URL_BASES", (UNREACHABLE + "/mnist/",))
-    cfg = make_cfg("data=mnist", f"download.mirror={mirror}", "download.timeout=2")
+    cfg = make_cfg("data=mnist", f"download.mirror={mirror}", "download.timeout=2", top="download")
     with pytest.raises(DownloadError, match=r"t10k-labels-idx1-ubyte.gz.*expected sha256 f7ae60f9") as err:
         download.run(cfg)
     assert f"{UNREACHABLE}/mnist/t10k-labels-idx1-ubyte.gz" in str(err.value)
@@ -238,7 +237,7 @@ def test_a_corrupt_ptb_file_is_deleted_when_no_source_verifies(tmp_path, make_cf
     for name, _ in ptb.FILES.values():
         (mirror / "ptb" / name).write_text("a corrupt mirror copy\n")
     monkeypatch.setattr(ptb, "ARCHIVE_URL", f"{UNREACHABLE}/simple-examples.tgz")
-    cfg = make_cfg("data=ptb", f"download.mirror={mirror}", "download.timeout=2")
+    cfg = make_cfg("data=ptb", f"download.mirror={mirror}", "download.timeout=2", top="download")
     raw = download.raw_dir(cfg)
     raw.mkdir(parents=True)
     (raw / "ptb.train.txt").write_text("a corrupt local copy\n")
@@ -258,7 +257,7 @@ def test_a_corrupt_mnist_file_is_deleted_when_no_source_verifies(tmp_path, make_
     (mirror / "mnist").mkdir(parents=True)
     write_idx(mirror / "mnist" / name, 2051, (1, 2, 2), bytes(4))
     monkeypatch.setattr(mnist, "URL_BASES", (f"{UNREACHABLE}/mnist/",))
-    cfg = make_cfg("data=mnist", f"download.mirror={mirror}", "download.timeout=2")
+    cfg = make_cfg("data=mnist", f"download.mirror={mirror}", "download.timeout=2", top="download")
     raw = download.raw_dir(cfg)
     raw.mkdir(parents=True)
     write_idx(raw / name, 2051, (1, 2, 2), bytes([1, 2, 3, 4]))
@@ -277,7 +276,7 @@ def write_tiny_ptb(raw):
 
 
 def test_prepare_refuses_an_unverified_ptb_file_and_writes_nothing(make_cfg):
-    cfg = make_cfg("data=ptb", "data.vocab_size=5")  # small enough that the tiny files would build
+    cfg = make_cfg("data=ptb", "data.vocab_size=5", top="prepare")  # small enough that the tiny files would build
     raw = download.raw_dir(cfg)
     write_tiny_ptb(raw)
     with pytest.raises(data.DataError) as err:
@@ -295,7 +294,7 @@ def unverified_mnist(name: str) -> str:
 
 
 def test_prepare_refuses_an_unverified_mnist_file(make_cfg):
-    cfg = make_cfg("data=mnist", "data.val_size=1")
+    cfg = make_cfg("data=mnist", "data.val_size=1", top="prepare")
     raw = download.raw_dir(cfg)
     raw.mkdir(parents=True)
     for prefix in ("train", "t10k"):
@@ -311,7 +310,7 @@ def test_prepare_refuses_an_unverified_mnist_file(make_cfg):
 def test_prepare_refuses_one_hand_edited_mnist_label(make_cfg):
     """The real files with one test label changed: a valid IDX file that would build silently, so only the
     checksum can tell."""
-    cfg = make_cfg("data=mnist")
+    cfg = make_cfg("data=mnist", top="prepare")
     raw = download.raw_dir(cfg)
     raw.mkdir(parents=True)
     for name in mnist.FILES:
@@ -332,7 +331,7 @@ def test_imdb_records_its_content_check_and_refuses_a_changed_archive(tmp_path, 
     repack = make_tar(mirror / "imdb" / imdb.REPACK, REVIEWS)
     monkeypatch.setattr(imdb, "CONTENT_DIGEST", imdb.content_digest(repack))  # the tiny archive is the truth
     monkeypatch.setattr(imdb, "URL", f"{UNREACHABLE}/aclImdb_v1.tar.gz")
-    cfg = make_cfg("data=imdb", f"download.mirror={mirror}", "download.timeout=2")
+    cfg = make_cfg("data=imdb", f"download.mirror={mirror}", "download.timeout=2", top="download")
     raw = download.raw_dir(cfg)
     download.run(cfg)
     record = raw / imdb.RECORD_NAME
@@ -362,11 +361,11 @@ def test_imdb_records_its_content_check_and_refuses_a_changed_archive(tmp_path, 
     assert sorted(p.name for p in raw.iterdir()) == []  # neither the bad archive nor its stale record is left
 
 
+@pytest.mark.integration  # a real process
 def test_prepare_command_exits_1_with_one_error_line(tmp_path):
     write_tiny_ptb(tmp_path / "data" / "raw" / "ptb")
     env = {k: v for k, v in os.environ.items() if k not in ("RNNLAB_ROOT", "HYDRA_FULL_ERROR")}
-    # Without the MLflow sweep callback, which only matters for multiruns and costs seconds of imports.
-    overrides = ["data=ptb", f"paths.root={tmp_path}", "data.vocab_size=5", "~hydra.callbacks.mlflow_sweep"]
+    overrides = ["data=ptb", f"paths.root={tmp_path}", "data.vocab_size=5"]
     cmd = [sys.executable, "-m", "pipeline.prepare", *overrides]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import REPO, mirror_path, needs_mirror
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration  # real `dvc repro` runs in a copy of the checkout: minutes
 
 
 def sh(*args: str, cwd: Path, **extra_env: str) -> str:
@@ -44,7 +45,7 @@ def repo_copy(tmp_path: Path) -> Path:
     (dest / "dvc.lock").unlink(missing_ok=True)
     dvc_yaml = dest / "dvc.yaml"
     text, smoked = re.subn(
-        r"(python -m pipeline\.train \+experiment=\w+ export=true)\n", r"\1 trainer=smoke\n", dvc_yaml.read_text()
+        r"(python -m pipeline\.train experiment=\w+ export=true)\n", r"\1 budget=smoke\n", dvc_yaml.read_text()
     )
     assert smoked == 4, "every train stage gets the smoke budget"
     dvc_yaml.write_text(text)
@@ -67,6 +68,16 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(repo_copy):
 
     shown = sh(str(BIN / "dvc"), "metrics", "show", cwd=repo_copy)
     assert "test/accuracy" in shown and "linear_fraction" in shown
+
+    # Another entry point's settings are its own config: editing them leaves training and data alone.
+    for name, old, new in (
+        ("bench", "steps: 100 ", "steps: 50 "),
+        ("report", "include_capped: false ", "include_capped: true "),
+    ):
+        path = repo_copy / f"conf/{name}.yaml"
+        path.write_text(path.read_text().replace(old, new))
+    status = sh(str(BIN / "dvc"), "status", "train_toy", cwd=repo_copy)
+    assert "up to date" in status and "changed" not in status, status
 
     # A model config change re-runs training only: prepare's deps did not change.
     lstm = repo_copy / "conf/model/lstm.yaml"
@@ -92,8 +103,13 @@ def test_the_whole_default_pipeline_on_the_real_data_then_a_no_op(repo_copy):
         assert (repo_copy / f"models/{name}.keras").exists()
     assert json.loads((repo_copy / "reports/metrics/ptb.json").read_text())["test/perplexity"] > 1
     assert "Running stage 'report'" in first and (repo_copy / "reports/README.md").exists()
+    assert "report up to date" not in first
+    lock = (repo_copy / "dvc.lock").read_text()
     second = sh(str(BIN / "dvc"), "repro", cwd=repo_copy, **mirror)
-    assert "Data and pipelines are up to date." in second and "Running stage" not in second
+    # Only the report looks (it reads the MLflow store, which DVC cannot see), and finds nothing new.
+    assert re.findall(r"Running stage '(\w+)'", second) == ["report"], second
+    assert "report up to date: the same 0 finished runs" in second  # smoke runs are capped: none reported
+    assert (repo_copy / "dvc.lock").read_text() == lock
 
 
 def test_dvc_push_and_pull_round_trip_through_a_remote(repo_copy, tmp_path):

@@ -2,8 +2,6 @@
 
 import hashlib
 import http.server
-import io
-import tarfile
 import threading
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import pytest
 
 from pipeline.data import DataError, fetch
 from pipeline.data.fetch import DownloadError, Source
+from tests.conftest import make_tar
 
 
 def sha(data: bytes) -> str:
@@ -113,15 +112,6 @@ def test_missing_mirror_folder_is_a_clear_error(tmp_path):
     with pytest.raises(DownloadError, match=r"the data mirror .*nowhere does not exist.*RNNLAB_DATA_MIRROR"):
         fetch.mirror_source(str(tmp_path / "nowhere"), "ptb", "ptb.train.txt")
     assert fetch.mirror_source(None, "ptb", "ptb.train.txt") is None
-
-
-def make_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def test_archive_with_a_parent_member_is_refused_and_leaves_nothing(tmp_path):

@@ -1,4 +1,5 @@
-"""The report stage on an MLflow store holding runs with known numbers."""
+"""The report stage on an MLflow store holding runs with known numbers. The validation and test rankings differ
+(a run that validates best tests worse), so the leaderboards' order shows which metric ranks: validation."""
 
 import pandas as pd
 import pytest
@@ -17,6 +18,7 @@ def add_run(
     val,
     test,
     capped=False,
+    capped_epochs=False,
     status="FINISHED",
     metric="accuracy",
     extra_tags=None,
@@ -29,7 +31,8 @@ def add_run(
         "optimizer.name": "adam",
         "optimizer.learning_rate": "0.01",
         "trainer.batch_size": "32",
-        "trainer.max_steps_per_epoch": "3" if capped else "None",
+        "trainer.max_steps_per_epoch": "3" if capped or capped_epochs else "None",
+        "trainer.max_eval_batches": "2" if capped else "None",
     }
     tags = {
         "dataset": experiment_id_names[experiment_id],
@@ -55,42 +58,43 @@ experiment_id_names = {}
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, mlflow_store):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     toy = client.create_experiment("rnnlab-toy", artifact_location=(tmp_path / "a").as_uri())
     ptb = client.create_experiment("rnnlab-ptb", artifact_location=(tmp_path / "a").as_uri())
     other = client.create_experiment("someone-else", artifact_location=(tmp_path / "a").as_uri())
     experiment_id_names.update({toy: "toy", ptb: "ptb", other: "toy"})
+    # Best validation accuracy ranks lstm (0.97) > gru (0.96) > rnn (0.8); test accuracy ranks gru > lstm > rnn.
+    # gru's best epoch is not its last (0.96, then 0.95): "best val" is the best epoch.
+    # PTB: best validation perplexity ranks lstm (150) > gru (160); test perplexity ranks gru (170) > lstm (175).
     ids = {
-        "lstm": add_run(client, toy, "toy-lstm", "lstm", 17026, [0.7, 0.9, 0.95], 0.97),
-        "rnn": add_run(client, toy, "toy-rnn", "rnn", 4354, [0.6, 0.8], 0.81),
-        "gru": add_run(client, toy, "toy-gru", "gru", 12994, [0.7, 0.99, 0.98], 0.99),
-        "ptb": add_run(client, ptb, "ptb-lstm", "lstm", 4_600_000, [300.0, 150.0], 140.0, metric="perplexity"),
-        "ptb2": add_run(client, ptb, "ptb-gru", "gru", 4_000_000, [310.0, 180.0], 170.0, metric="perplexity"),
+        "lstm": add_run(client, toy, "toy-lstm", "lstm", 17026, [0.7, 0.9, 0.97], 0.93),
+        "rnn": add_run(client, toy, "toy-rnn", "rnn", 4354, [0.6, 0.8], 0.81, capped_epochs=True),
+        "gru": add_run(client, toy, "toy-gru", "gru", 12994, [0.7, 0.96, 0.95], 0.99),
+        "ptb": add_run(client, ptb, "ptb-lstm", "lstm", 4_600_000, [300.0, 150.0], 175.0, metric="perplexity"),
+        "ptb2": add_run(client, ptb, "ptb-gru", "gru", 4_000_000, [310.0, 160.0], 170.0, metric="perplexity"),
     }
-    add_run(client, toy, "smoke", "lstm", 1, [0.5], 0.99, capped=True)  # left out: a capped (smoke) run
-    add_run(client, toy, "crashed", "lstm", 1, [0.5], 1.0, status="FAILED")  # left out: not finished
-    add_run(client, toy, "parent", "lstm", 1, [0.5], 1.0, extra_tags={"sweep_role": "parent"})  # left out
-    add_run(client, other, "foreign", "lstm", 1, [0.5], 1.0)  # left out: not an rnnlab experiment
+    add_run(client, toy, "smoke", "lstm", 1, [0.99], 0.99, capped=True)  # left out: a capped evaluation (smoke)
     return ids
 
 
 def test_leaderboards_plots_and_readme(store, make_cfg, tmp_path):
-    boards = report.run(make_cfg())
+    boards = report.run(make_cfg(top="report"))
     assert sorted(boards) == ["ptb", "toy"]
     toy = boards["toy"]
-    assert list(toy["run"]) == ["toy-gru", "toy-lstm", "toy-rnn"]  # by test accuracy, best first
-    assert list(toy["best val accuracy"]) == [0.99, 0.95, 0.8]
-    assert list(toy["test accuracy"]) == [0.99, 0.97, 0.81]
-    assert list(toy["params"]) == [12994, 17026, 4354] and list(toy["epochs"]) == [3, 3, 2]
-    assert list(toy["s/epoch"]) == [2.0, 2.0, 2.0] and list(toy["cell"]) == ["gru", "lstm", "rnn"]
+    # Chosen on validation, reported on test: ranked by the best validation accuracy, not by test accuracy.
+    assert list(toy["run"]) == ["toy-lstm", "toy-gru", "toy-rnn"]
+    assert list(toy["best val accuracy"]) == [0.97, 0.96, 0.8]
+    assert list(toy["test accuracy"]) == [0.93, 0.99, 0.81]
+    assert list(toy["params"]) == [17026, 12994, 4354] and list(toy["epochs"]) == [3, 3, 2]
+    assert list(toy["s/epoch"]) == [2.0, 2.0, 2.0] and list(toy["cell"]) == ["lstm", "gru", "rnn"]
     ptb = boards["ptb"]
-    assert list(ptb["run"]) == ["ptb-lstm", "ptb-gru"]  # by test perplexity, lowest first
-    assert list(ptb["best val perplexity"]) == [150.0, 180.0]
+    assert list(ptb["run"]) == ["ptb-lstm", "ptb-gru"]  # by best validation perplexity, lowest first
+    assert list(ptb["best val perplexity"]) == [150.0, 160.0] and list(ptb["test perplexity"]) == [175.0, 170.0]
 
     reports = tmp_path / "reports"
     csv = pd.read_csv(reports / "leaderboards" / "toy.csv")
-    assert list(csv["run_id"]) == [store["gru"], store["lstm"], store["rnn"]]
+    assert list(csv["run_id"]) == [store["lstm"], store["gru"], store["rnn"]]
     curves = pd.read_csv(reports / "curves" / "toy.csv")
     assert len(curves) == 3 + 2 + 3 and set(curves["cell"]) == {"lstm", "rnn", "gru"}
     assert list(curves[curves["run_id"] == store["rnn"]]["val/accuracy"]) == [0.6, 0.8]
@@ -98,25 +102,25 @@ def test_leaderboards_plots_and_readme(store, make_cfg, tmp_path):
         assert (reports / "figures" / f"{name}.png").stat().st_size > 5000
     readme = (reports / "README.md").read_text()
     assert "## ptb" in readme and "## toy" in readme and "![toy_curves](figures/toy_curves.png)" in readme
-    assert "| toy-gru " in readme and "smoke" not in readme and "crashed" not in readme
+    assert "| toy-lstm " in readme and "smoke" not in readme and "crashed" not in readme
 
 
 def test_report_on_an_empty_store_says_what_to_do(make_cfg, tmp_path):
-    assert report.run(make_cfg()) == {}
+    assert report.run(make_cfg(top="report")) == {}
     assert "No finished runs yet" in (tmp_path / "reports" / "README.md").read_text()
     for folder in ("leaderboards", "curves", "figures"):  # DVC's declared outputs exist, empty
         assert (tmp_path / "reports" / folder).is_dir()
 
 
-def test_report_with_only_capped_runs_says_how_to_include_them(make_cfg, tmp_path):
+def test_report_with_only_capped_runs_says_how_to_include_them(make_cfg, tmp_path, mlflow_store):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     toy = client.create_experiment("rnnlab-toy", artifact_location=(tmp_path / "a").as_uri())
     experiment_id_names[toy] = "toy"
     add_run(client, toy, "smoke", "lstm", 1, [0.5], 0.99, capped=True)
-    assert report.run(make_cfg()) == {}
+    assert report.run(make_cfg(top="report")) == {}
     readme = (tmp_path / "reports" / "README.md").read_text()
-    assert "1 finished run(s) had a step cap" in readme and "report.include_capped=true" in readme
-    assert report.run(make_cfg("report.include_capped=true"))["toy"]["run"].tolist() == ["smoke"]
+    assert "1 finished run(s) had a capped evaluation" in readme and "report.include_capped=true" in readme
+    assert report.run(make_cfg("report.include_capped=true", top="report"))["toy"]["run"].tolist() == ["smoke"]
 
 
 def names(folder):
@@ -127,20 +131,36 @@ def test_the_report_removes_what_it_no_longer_reports(store, make_cfg, tmp_path)
     """The report's files always agree with its README: what the previous report wrote and this one does not (a
     dataset whose runs are gone; everything, on an empty store) is removed. Files the report does not own stay."""
     reports = tmp_path / "reports"
-    report.run(make_cfg())
+    report.run(make_cfg(top="report"))
     assert names(reports / "leaderboards") == ["ptb.csv", "ptb.md", "toy.csv", "toy.md"]
     (reports / "figures" / "notes.txt").write_text("mine")  # not the report's: kept
     (reports / "metrics").mkdir()
     (reports / "metrics" / "toy.json").write_text("{}")  # train's output: kept
     # Only the PTB runs count now: the toy leaderboard, curves and figures go; the PTB ones are rewritten.
-    assert sorted(report.run(make_cfg("report.experiments=rnnlab-ptb"))) == ["ptb"]
+    assert sorted(report.run(make_cfg("report.experiments=rnnlab-ptb", top="report"))) == ["ptb"]
     assert names(reports / "leaderboards") == ["ptb.csv", "ptb.md"] and names(reports / "curves") == ["ptb.csv"]
     assert names(reports / "figures") == ["notes.txt", "ptb_curves.png", "ptb_size.png", "ptb_speed.png"]
     readme = (reports / "README.md").read_text()
     assert "## ptb" in readme and "## toy" not in readme
     # An empty store: no leaderboard, curve or figure is left beside a README that says there are no runs.
-    assert report.run(make_cfg(f"tracking.uri=sqlite:///{tmp_path}/empty.db")) == {}
+    assert report.run(make_cfg(f"tracking.uri=sqlite:///{tmp_path}/empty.db", top="report")) == {}
     readme = (reports / "README.md").read_text()
     assert "No finished runs yet" in readme and "## " not in readme
     assert names(reports / "leaderboards") == [] and names(reports / "curves") == []
     assert names(reports / "figures") == ["notes.txt"] and names(reports / "metrics") == ["toy.json"]
+
+
+def test_a_report_from_the_same_runs_is_not_redone(store, make_cfg, tmp_path):
+    """The report stage always runs in `dvc repro` (DVC cannot see the store): with no new finished run it keeps
+    its files; a run finishing since makes it redo them."""
+    cfg = make_cfg(top="report")
+    assert sorted(report.run(cfg)) == ["ptb", "toy"]
+    readme = tmp_path / "reports" / "README.md"
+    written = readme.stat().st_mtime_ns
+    assert report.run(cfg) == {}
+    assert readme.stat().st_mtime_ns == written
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    toy = client.get_experiment_by_name("rnnlab-toy").experiment_id
+    add_run(client, toy, "toy-bigru", "gru", 25000, [0.98], 0.9)
+    assert list(report.run(cfg)["toy"]["run"]) == ["toy-bigru", "toy-lstm", "toy-gru", "toy-rnn"]
+    assert "| toy-bigru " in readme.read_text()

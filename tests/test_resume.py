@@ -25,6 +25,7 @@ COMMON = (
     "trainer.batch_size=4",
     "tracking.log_model=false",
 )
+QUICK = ("trainer.max_steps_per_epoch=3", "trainer.max_eval_batches=2")  # in-process runs: a few steps suffice
 
 
 def train_process(tmp_path, *overrides):
@@ -40,9 +41,12 @@ def runs(tmp_path):
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.integration  # a real process
 def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path):
+    """Started as the DVC stage starts it (export=true, its own store and mirror settings), continued from a plain
+    shell without them: the fingerprint holds only what determines the result, so the shell finds the run."""
     prepare.run(make_cfg(*COMMON))
-    proc = train_process(tmp_path)
+    proc = train_process(tmp_path, "export=true", "trainer.intra_op_threads=1", "trainer.generate_words=3")
     state = None
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -82,6 +86,7 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
 
 
+@pytest.mark.integration  # a real process
 def test_resuming_a_run_that_a_live_process_trains_is_refused(make_cfg, tmp_path):
     """It used to attach to the live run and crash; now the live process keeps it, untouched."""
     prepare.run(make_cfg(*COMMON))
@@ -108,26 +113,27 @@ def test_resuming_a_run_that_a_live_process_trains_is_refused(make_cfg, tmp_path
     assert run.info.status == "KILLED" and proc.returncode == 128 + signal.SIGTERM
 
 
-def test_resuming_a_finished_run_is_refused_and_leaves_it_finished(make_cfg, tmp_path):
+def test_resuming_a_finished_run_is_refused_and_leaves_it_finished(make_cfg, tmp_path, mlflow_store):
     prepare.run(make_cfg(*COMMON))
-    done = train.run(make_cfg(*COMMON, "trainer.epochs=1"))
+    done = train.run(make_cfg(*COMMON, *QUICK, "trainer.epochs=1"))
     client, _ = runs(tmp_path)
     before = client.get_run(done["run_id"])
     with pytest.raises(train.TrainingError, match=rf"run {done['run_id']} is FINISHED: it is complete"):
-        train.run(make_cfg(*COMMON, "trainer.epochs=1", f"trainer.resume_run_id={done['run_id']}"))
+        train.run(make_cfg(*COMMON, *QUICK, "trainer.epochs=1", f"trainer.resume_run_id={done['run_id']}"))
     after = client.get_run(done["run_id"])
     assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
     assert after.data.metrics == before.data.metrics
     with pytest.raises(tracking.TrackingError, match="no MLflow run 0123abcd in sqlite:///"):
-        train.run(make_cfg(*COMMON, "trainer.resume_run_id=0123abcd"))
+        train.run(make_cfg(*COMMON, *QUICK, "trainer.resume_run_id=0123abcd"))
 
 
-def test_resume_without_an_unfinished_run_starts_afresh(make_cfg):
+def test_resume_without_an_unfinished_run_starts_afresh(make_cfg, mlflow_store):
     prepare.run(make_cfg(*COMMON))
-    result = train.run(make_cfg(*COMMON, "trainer.epochs=1", "trainer.resume=true"))
+    result = train.run(make_cfg(*COMMON, *QUICK, "trainer.epochs=1", "trainer.resume=true"))
     assert result["metrics"]["epochs"] == 1
 
 
+@pytest.mark.integration  # a real process
 def test_nan_loss_in_a_real_process_fails_the_run_with_a_message(make_cfg, tmp_path):
     prepare.run(make_cfg(*COMMON))
     path = tmp_path / "data/prepared/toy/train.npz"

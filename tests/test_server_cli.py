@@ -19,16 +19,7 @@ import pytest
 from pipeline import server
 from tests.conftest import REPO
 
-try:
-    server.pg_bin("initdb")
-    HAVE_PG = True
-except server.ServerError:
-    HAVE_PG = False
-
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL is not installed (apt-get install postgresql)"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.needs_postgres]  # skipped without it, not in CI
 
 
 @pytest.fixture

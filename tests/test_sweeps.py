@@ -1,4 +1,5 @@
-"""Hydra multirun -> one MLflow parent run with a child per job, sequential and with the parallel launcher."""
+"""The sweep presets in conf/sweep/ compose to the sweeps they promise; a Hydra multirun is one MLflow parent run
+with a child per job, sequential and with the parallel launcher (real processes: the integration tier)."""
 
 import os
 import signal
@@ -8,14 +9,81 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from pipeline import prepare
-from tests.conftest import REPO
+from pipeline import config, prepare
+from tests.conftest import CONF, REPO, compose_config
 
 SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "tracking.log_model=false")
 
 
+# --- The sweep presets, composed as `python -m pipeline.train sweep=<name>` composes them -----------------------------
+CELLS = {"model": "rnn,lstm,gru,bilstm"}
+SWEEPS = {  # name -> (dataset, epochs, sweeper, its params)
+    "cells_toy": ("toy", 30, "BasicSweeper", CELLS),
+    "cells_imdb": ("imdb", 3, "BasicSweeper", CELLS),
+    "cells_mnist": ("mnist", 5, "BasicSweeper", CELLS),
+    "ptb_lr": ("ptb", 3, "BasicSweeper", {"optimizer.learning_rate": "0.5,1.0,2.0", "model.dropout": "0.0,0.2"}),
+    "optuna_imdb": (
+        "imdb",
+        3,
+        "OptunaSweeper",
+        {
+            "optimizer.learning_rate": "tag(log, interval(0.0003, 0.01))",
+            "model.units": "choice(32, 64, 128)",
+            "model.dropout": "interval(0.0, 0.5)",
+        },
+    ),
+}
+
+
+def test_every_sweep_preset_has_a_compose_test():
+    assert sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")) == sorted(SWEEPS)
+
+
+def grid_jobs(params: dict[str, str]) -> list[str]:
+    """One override per value of each swept key (what the basic sweeper's jobs set)."""
+    return [f"{key}={value}" for key, values in params.items() for value in values.split(",")]
+
+
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+def test_a_sweep_preset_composes_to_a_multirun_of_its_jobs(name):
+    dataset, epochs, sweeper, params = SWEEPS[name]
+    cfg = compose_config([f"sweep={name}"], hydra=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN  # a sweep without -m
+    assert cfg.hydra.sweeper._target_.endswith(sweeper)
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == params
+    assert (cfg.data.name, cfg.trainer.epochs, cfg.tracking.sweep_name) == (dataset, epochs, name)
+    assert cfg.hydra.callbacks.mlflow_sweep._target_ == "pipeline.tracking.SweepCallback"  # one parent run
+    if sweeper == "OptunaSweeper":  # train.main returns val/accuracy for a classifier: to be maximised
+        assert (cfg.hydra.sweeper.direction, cfg.hydra.sweeper.n_trials, cfg.hydra.sweeper.sampler.seed) == (
+            "maximize",
+            12,
+            123,
+        )
+        assert all(OmegaConf.select(cfg, key) is not None for key in params)  # it searches keys that exist
+        return
+    for job in grid_jobs(params):  # every job's config is valid and keeps the preset's dataset
+        composed = config.validate(compose_config([f"sweep={name}", job]))
+        key, value = job.split("=")
+        chosen = composed.model.cell if key == "model" else OmegaConf.select(composed, key)
+        assert str(chosen) == {"bilstm": "lstm"}.get(value, value) and composed.data.name == dataset, job
+
+
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+@pytest.mark.parametrize("order", ["budget last", "budget first"])
+def test_the_smoke_budget_wins_over_a_sweep_preset(name, order):
+    overrides = [f"sweep={name}", "budget=smoke"]
+    cfg = compose_config(overrides if order == "budget last" else overrides[::-1], hydra=True)
+    t = cfg.trainer
+    assert (t.epochs, t.max_steps_per_epoch, t.max_eval_batches, t.generate_words) == (2, 3, 2, 5)
+    assert cfg.hydra.mode == RunMode.MULTIRUN and OmegaConf.to_container(cfg.hydra.sweeper.params) == SWEEPS[name][3]
+    assert cfg.data.name == SWEEPS[name][0]  # the sweep is the same, only shorter
+
+
+# --- Real sweeps -----------------------------------------------------------------------------------------------
 def launch(tmp_path, *args, wait=True):
     """``python -m pipeline.train -m`` with the smoke budget on the small toy data; the finished process, or the
     running one with ``wait=False``."""
@@ -28,7 +96,7 @@ def launch(tmp_path, *args, wait=True):
         "pipeline.train",
         "-m",
         f"paths.root={tmp_path}",
-        "trainer=smoke",
+        "budget=smoke",
         "trainer.verbose=0",
         *SMALL,
         *args,
@@ -53,6 +121,7 @@ def sweep_runs(tmp_path):
     return client, parents, children
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_two_by_two_sweep_is_one_parent_with_four_children(make_cfg, tmp_path, launcher):
     prepare.run(make_cfg(*SMALL))
@@ -75,11 +144,12 @@ def test_two_by_two_sweep_is_one_parent_with_four_children(make_cfg, tmp_path, l
         for key in ("train/loss", "val/loss", "val/accuracy"):
             assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [0, 1]
         assert "test/accuracy" in child.data.metrics
-        threads = child.data.params["trainer.intra_op_threads"]
-        assert threads == ("1" if launcher == "parallel" else "0")
+        logged = Path(client.download_artifacts(child.info.run_id, "config.yaml", str(tmp_path))).read_text()
+        assert f"intra_op_threads: {1 if launcher == 'parallel' else 0}\n" in logged  # a runtime key: not a param
     assert combos == {(c, o) for c in ("rnn", "gru") for o in ("adam", "rmsprop")}
 
 
+@pytest.mark.integration
 def test_a_sweep_with_failed_jobs_exits_1_and_its_parent_run_is_failed(make_cfg, tmp_path):
     """One job diverges (its run FAILED), two fail before their run exists (a typo): the sweep must not say FINISHED."""
     prepare.run(make_cfg(*SMALL))
@@ -119,11 +189,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_sigterm_to_a_sweep_kills_its_parent_run_and_every_worker(make_cfg, tmp_path, launcher):
     prepare.run(make_cfg(*SMALL))
     extra = ["hydra/launcher=parallel"] if launcher == "parallel" else []
-    proc = launch(tmp_path, "model=rnn,gru", "trainer.epochs=200", "trainer.max_epochs=200", *extra, wait=False)
+    proc = launch(tmp_path, "model=rnn,gru", "trainer.epochs=200", *extra, wait=False)
     deadline = time.time() + 240
     while time.time() < deadline and not list((tmp_path / "checkpoints").glob("*/state.json")):
         assert proc.poll() is None, proc.communicate()[0]

@@ -53,7 +53,7 @@ def test_same_seed_same_data_other_seed_other_data():
 
 
 def test_prepare_stage_writes_splits_meta_and_stats(make_cfg, tmp_path):
-    cfg = make_cfg("data.n_train=100", "data.n_val=20", "data.n_test=50", "data.max_len=12")
+    cfg = make_cfg("data.n_train=100", "data.n_val=20", "data.n_test=50", "data.max_len=12", top="prepare")
     stats = prepare.run(cfg)
     folder = tmp_path / "data" / "prepared" / "toy"
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -70,7 +70,7 @@ def test_prepare_stage_writes_splits_meta_and_stats(make_cfg, tmp_path):
     assert loaded.meta["num_classes"] == 2 and loaded.splits["train"]["x"].shape == (100, 12, 1)
     # The digest is the data version: stable for the same content, different for other content.
     assert data.load(tmp_path / "data", "toy").digest == loaded.digest
-    prepare.run(make_cfg("data.n_train=100", "data.n_val=20", "data.n_test=50", "data.seed=99"))
+    prepare.run(make_cfg("data.n_train=100", "data.n_val=20", "data.n_test=50", "data.seed=99", top="prepare"))
     assert data.load(tmp_path / "data", "toy").digest != loaded.digest
 
 

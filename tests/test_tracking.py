@@ -11,7 +11,7 @@ import pytest
 from pipeline import prepare, tracking, train
 from tests.conftest import REPO
 
-SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "trainer=smoke")
+SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "budget=smoke")
 
 
 def closed_port() -> int:
@@ -69,6 +69,7 @@ def test_a_closed_port_fails_in_seconds_naming_the_server(make_cfg):
     assert "user:***@127.0.0.1" in message and "hunter2" not in message and "make server" in message
 
 
+@pytest.mark.integration  # a real process
 def test_training_against_a_dead_server_is_one_line_and_exit_1(make_cfg, tmp_path):
     prepare.run(make_cfg(*SMALL))
     cmd = [
@@ -94,7 +95,7 @@ def test_a_good_store_passes_and_the_retries_are_bounded(make_cfg, tmp_path, mon
     assert (tmp_path / "mlflow.db").exists()
 
 
-def test_a_failed_run_keeps_its_error_in_mlflow(make_cfg):
+def test_a_failed_run_keeps_its_error_in_mlflow(make_cfg, mlflow_store):
     prepare.run(make_cfg(*SMALL))
     cfg = make_cfg(*SMALL, "optimizer.learning_rate=1e12", "tracking.run_name=diverges")
     with pytest.raises(train.TrainingError, match="diverged"):
