@@ -526,7 +526,7 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     ``top`` names the entry point (conf/<top>.yaml); of a larger config (a training config handed to ``prepare``)
     only the sections that entry point reads are checked."""
     cfg = OmegaConf.masked_copy(cfg, [f.name for f in fields(TOP_SCHEMAS[top]) if f.name in cfg])
-    _check_schema(cfg, schema_of(cfg, top), resolve=top != "report")  # the report names no dataset
+    _check_schema(cfg, schema_of(cfg, top), resolve=top == "config" or "data" in cfg)  # others name no dataset
     bounds, choices = dict(BOUNDS), dict(CHOICES)
     if "data" in cfg:
         d, source = cfg.data, cfg.data.source

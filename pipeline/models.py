@@ -27,12 +27,12 @@ def gpu_available() -> bool:
 
 
 @functools.cache
-def cpu_bf16_matmul() -> str | None:
+def cpu_bf16_matmul(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """The CPU's bfloat16 matrix instructions: ``amx_bf16`` (Intel Sapphire Rapids and later) or ``avx512_bf16``
     (AMD Zen 4 and later, Intel Cooper Lake), which oneDNN uses for bfloat16 matmuls; None = none (bfloat16 has no fast
-    path then)."""
+    path then). ``cpuinfo``: the flags file (Linux's, unless a test hands another)."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        flags = set(Path(cpuinfo).read_text().split())
     except OSError:
         return None
     return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)

@@ -113,7 +113,9 @@ def test_resuming_a_run_that_a_live_process_trains_is_refused(make_cfg, tmp_path
     assert run.info.status == "KILLED" and proc.returncode == 128 + signal.SIGTERM
 
 
-def test_resuming_a_finished_run_is_refused_and_leaves_it_finished(make_cfg, tmp_path, mlflow_store):
+def test_a_finished_run_is_never_resumed(make_cfg, tmp_path, mlflow_store):
+    """Named, it is refused and left as it was; with trainer.resume=true, a finished run does not count: the run
+    starts afresh."""
     prepare.run(make_cfg(*COMMON))
     done = train.run(make_cfg(*COMMON, *QUICK, "trainer.epochs=1"))
     client, _ = runs(tmp_path)
@@ -126,11 +128,10 @@ def test_resuming_a_finished_run_is_refused_and_leaves_it_finished(make_cfg, tmp
     with pytest.raises(tracking.TrackingError, match="no MLflow run 0123abcd in sqlite:///"):
         train.run(make_cfg(*COMMON, *QUICK, "trainer.resume_run_id=0123abcd"))
 
-
-def test_resume_without_an_unfinished_run_starts_afresh(make_cfg, mlflow_store):
-    prepare.run(make_cfg(*COMMON))
-    result = train.run(make_cfg(*COMMON, *QUICK, "trainer.epochs=1", "trainer.resume=true"))
-    assert result["metrics"]["epochs"] == 1
+    again = train.run(make_cfg(*COMMON, *QUICK, "trainer.epochs=1", "trainer.resume=true"))
+    assert again["run_id"] != done["run_id"] and again["metrics"]["epochs"] == 1
+    fresh = client.get_run(again["run_id"])
+    assert fresh.info.status == "FINISHED" and "resumed_at_epoch" not in fresh.data.tags
 
 
 @pytest.mark.integration  # a real process
