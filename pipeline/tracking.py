@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import importlib.metadata
 import logging
 import os
 import socket
@@ -40,6 +41,9 @@ from pipeline.redaction import redact, redact_file, redacted  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+# A logged model's requirements, stated: MLflow would otherwise load the model in a child process to infer them
+# (about 9 s a model here).
+MODEL_REQUIREMENTS = [f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "keras", "tensorflow-cpu")]
 ERROR_TAG_CHARS = 5000  # MLflow tag values hold at most 8,000 characters
 
 
@@ -313,7 +317,9 @@ class Tracker:
         with self._write("logging the model"):
             for path in extra_files or []:
                 self.client.log_artifact(self.run_id, path)
-            return mlflow.keras.log_model(model, name="model", signature=signature).model_uri
+            return mlflow.keras.log_model(
+                model, name="model", signature=signature, pip_requirements=MODEL_REQUIREMENTS
+            ).model_uri
 
     def fail(self, err: BaseException) -> None:
         """Keep why the run ended in the run itself (tag ``error`` and the run's description in the UI)."""

@@ -77,6 +77,7 @@ def toy_root(tmp_path_factory) -> tuple[Path, str]:
     return root, output
 
 
+@pytest.mark.integration  # a real TensorFlow process
 def test_stages_print_no_tensorflow_cpp_lines_by_default(toy_root):
     """prepare and train (with MLflow, whose signature inference printed E0000 node_def_util ...
     use_unbounded_threadpool) print none of TensorFlow's C++ lines; the epoch line is there, and with no
@@ -89,6 +90,7 @@ def test_stages_print_no_tensorflow_cpp_lines_by_default(toy_root):
     assert "\r" not in output and "batch/s" not in output and BAR.search(output) is None, output
 
 
+@pytest.mark.integration  # a real TensorFlow process
 def test_the_user_can_bring_tensorflows_cpp_lines_back():
     """TF_CPP_MIN_LOG_LEVEL=0 set by the user wins: TensorFlow's start-up lines are printed again."""
     argv = [sys.executable, "-c", "import pipeline, tensorflow"]
@@ -131,6 +133,7 @@ def test_the_import_filter_drops_only_cpp_lines_below_the_level(level, kept):
     assert done.stderr.splitlines() == kept
 
 
+@pytest.mark.integration  # a real TensorFlow process
 def test_a_terminal_gets_a_progress_bar(toy_root):
     """On a terminal, trainer.verbose=1 draws tqdm's bar for the epoch (cleared when it ends), then the epoch line;
     still no C++ lines."""
@@ -141,6 +144,7 @@ def test_a_terminal_gets_a_progress_bar(toy_root):
     assert CPP_NOISE.search(output) is None, output
 
 
+@pytest.mark.integration  # a real TensorFlow process
 def test_mlflow_downloads_draw_no_bars_into_a_pipe(tmp_path):
     """MLflow's "Downloading artifacts" bars (pipeline.generate fetches a model and its vocabulary) are carriage-
     return noise in DVC or CI logs: without a terminal there are none, and the file still arrives."""
