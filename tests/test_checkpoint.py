@@ -17,6 +17,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras.src.saving import saving_lib
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -293,6 +294,7 @@ def seeded_model() -> keras.Model:
     trained two epochs from seed 3 as a fresh process would: ``clear_session`` restarts Keras' automatic names."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(3)
+    tf.config.experimental.enable_op_determinism()  # as the pipeline trains: the same numbers in every process
     cfg = dict(cell="lstm", bidirectional=True, layers=1, units=4, dropout=0.2, recurrent_dropout=0.0)
     meta = {"name": "toy", "kind": "classification", "input": "dense", "features": 1, "pad_value": -1.0}
     model = models.build_model(OmegaConf.create(cfg), {**meta, "num_classes": 2})
