@@ -217,11 +217,6 @@ def connect(cfg: DictConfig) -> MlflowClient:
     return MlflowClient(cfg.uri)
 
 
-def use_store(cfg: DictConfig) -> MlflowClient:
-    """Point MLflow at the configured tracking store (reading runs needs no experiment)."""
-    return connect(cfg)
-
-
 def setup_experiment(cfg: DictConfig, client: MlflowClient | None = None) -> str:
     """The experiment id of ``cfg.experiment``, created if needed with an explicit artifact location (MLflow's
     default would be ``./mlruns`` under whatever the working directory is)."""
