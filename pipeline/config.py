@@ -106,6 +106,7 @@ class ModelConfig:
     unroll: bool = MISSING
     embedding_dim: int | None = MISSING
     init_scale: float | None = MISSING
+    param_budget: int | None = MISSING
 
 
 @dataclass
@@ -162,6 +163,15 @@ class TrainerConfig:
 
 
 @dataclass
+class AnchorConfig:
+    """A preset's published result, shown beside the measured one in the report."""
+
+    metric: str | None = MISSING
+    value: float | None = MISSING
+    source: str | None = MISSING
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = MISSING
     uri: str = MISSING
@@ -202,6 +212,7 @@ class Config:
     optimizer: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     seed: int = MISSING
     export: bool = MISSING
 
@@ -328,6 +339,15 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def config_id(cfg: DictConfig, data_digest: str, precision: str) -> str:
+    """sha256 of everything that determines a run's result except its seed: ``result_config`` less the seed, the
+    data version and the precision actually used. Runs with the same ``config_id`` are repeats of one configuration
+    (however they were launched), so the report aggregates them over seeds."""
+    result = {k: v for k, v in result_config(cfg).items() if k != "seed"}
+    result.update(data_digest=data_digest, precision=precision)
+    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fingerprint(cfg: DictConfig) -> str:
     """sha256 of ``result_config``: two runs with the same fingerprint train the same model, so one may resume the
     other."""
@@ -397,6 +417,8 @@ BOUNDS: dict[str, Bound] = {
     "model.recurrent_dropout": FRACTION,
     "model.embedding_dim": Bound(1, nullable=True, note=" (null = units for tokens, none for real values)"),
     "model.init_scale": Bound(0, low_open=True, nullable=True, note=" (null = Keras' initialisers)"),
+    "model.param_budget": Bound(1, nullable=True, note=" (null = model.units as given)"),
+    "anchor.value": Bound(0, nullable=True, note=" (null = no published number)"),
     "optimizer.learning_rate": POSITIVE,
     "optimizer.clip_global_norm": Bound(0, low_open=True, nullable=True, note=" (null = no clipping)"),
     "optimizer.lr_decay": Bound(0, 1, low_open=True, note=" (1 = constant)"),
@@ -454,11 +476,13 @@ GENERATE_BOUNDS: dict[str, Bound] = {
 }
 STANDARDIZE = ("lower_and_strip_punctuation", "lower", "strip_punctuation")
 STRATEGIES = ("greedy", "sample")
+ANCHOR_METRICS = ("test/accuracy", "test/perplexity", "val/accuracy", "val/perplexity")
 # Keys with a fixed set of values: (what a value is called, the choices).
 CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.cell": ("cell type", CELLS),
     "optimizer.name": ("optimizer", OPTIMIZERS),
     "trainer.precision": ("precision", PRECISIONS),
+    "anchor.metric": ("anchor metric", ANCHOR_METRICS),
 }
 DATA_CHOICES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "imdb": {"data.truncate": ("truncation", TRUNCATE), "data.standardize": ("standardisation", STANDARDIZE)},
@@ -492,7 +516,7 @@ def _check_table(
             raise ConfigError(f"{key}: must be {bound.describe()}{finite}{bound.note}, got {_override(value)}")
     for key, (noun, allowed) in choices.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is not _ABSENT:
+        if value is not _ABSENT and value is not None:  # null passed the schema: the key is optional
             _check(value in allowed, key, f"unknown {noun} {value!r}; choose one of {', '.join(allowed)}")
 
 

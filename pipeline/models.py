@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline.config import CELLS, OPTIMIZERS
@@ -237,6 +238,44 @@ def build_model(
     if meta["kind"] == "language_model":
         return build_language_model(cfg, meta, batch_size, precision)
     raise ValueError(f"no model head for task kind {meta['kind']!r}")
+
+
+MAX_UNITS = 1 << 14  # the largest layer param_budget sizes to
+
+
+def count_params(cfg: Any, meta: dict[str, Any], units: int) -> int:
+    """Trainable parameters of the model the factory builds for ``meta`` with ``units`` (built, then dropped)."""
+    sized = {**dict(cfg), "units": units}
+    model = build_model(_Attrs(sized), meta)
+    count = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    keras.backend.clear_session(free_memory=False)
+    return count
+
+
+class _Attrs(dict):
+    """A plain dict read as attributes, as the builders read a model config."""
+
+    __getattr__ = dict.__getitem__
+
+
+def units_for_budget(cfg: Any, meta: dict[str, Any], budget: int) -> tuple[int, int]:
+    """(units, parameter count): the units whose whole model, as built for this cell, depth, direction and dataset,
+    has the trainable-parameter count nearest ``budget`` (counted on built models, so it cannot drift from them)."""
+    counts: dict[int, int] = {}
+
+    def count(units: int) -> int:
+        if units not in counts:
+            counts[units] = count_params(cfg, meta, units)
+        return counts[units]
+
+    low, high = 1, 2
+    while count(high) < budget and high < MAX_UNITS:  # the count grows with units: bracket, then bisect
+        low, high = high, min(2 * high, MAX_UNITS)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if count(mid) < budget else (low, mid)
+    best = min((low, high), key=lambda u: (abs(count(u) - budget), u))
+    return best, count(best)
 
 
 def build_optimizer(cfg: Any) -> keras.optimizers.Optimizer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -16,6 +17,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,13 +32,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
-from mlflow.entities import Metric, RunTag  # noqa: E402
+from mlflow.data.dataset_source_registry import resolve_dataset_source  # noqa: E402
+from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
+from mlflow.entities import DatasetInput, InputTag, Metric, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline.config import result_config  # noqa: E402
+from pipeline.config import config_id, result_config  # noqa: E402
 from pipeline.redaction import redact, redact_file, redacted  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -113,10 +119,23 @@ def git_state(root: str | Path) -> tuple[str, bool]:
     return commit, bool(status.strip())
 
 
+def preset_name() -> str | None:
+    """The ``experiment=`` preset this Hydra job composed, if any."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("experiment")
+
+
 def run_tags(cfg: DictConfig, fingerprint: str, data_digest: str, params_count: int, precision: str) -> dict:
-    """What a run is, as tags to filter and group by: dataset, cell, seed, the code and data versions, size."""
+    """What a run is, as tags to filter and group by: dataset, cell, seed, the configuration it repeats
+    (``config_id``: all but the seed), the code and data versions, size, preset and its published anchor."""
     commit, dirty = git_state(cfg.paths.root)
+    anchor = {f"anchor.{k}": v for k, v in cfg.anchor.items() if v is not None} if cfg.anchor.value is not None else {}
+    preset = preset_name()
     return {
+        "config_id": config_id(cfg, data_digest, precision),
+        **({"preset": preset} if preset else {}),
+        **anchor,
         "dataset": cfg.data.name,
         "cell": ("bi" if cfg.model.bidirectional else "") + cfg.model.cell,
         "git_commit": commit,
@@ -217,19 +236,30 @@ def connect(cfg: DictConfig) -> MlflowClient:
     return MlflowClient(cfg.uri)
 
 
+# MLflow 3's UI opens an experiment by its kind: without it, on the GenAI traces overview instead of the runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def _create_experiment(cfg: DictConfig, client: MlflowClient) -> str:
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    if not cfg.artifact_location:  # a tracking server with proxied artifacts decides
+        return client.create_experiment(cfg.experiment, tags=tags)
+    location = Path(cfg.artifact_location)
+    location.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(cfg.experiment, artifact_location=location.resolve().as_uri(), tags=tags)
+
+
 def setup_experiment(cfg: DictConfig, client: MlflowClient | None = None) -> str:
     """The experiment id of ``cfg.experiment``, created if needed with an explicit artifact location (MLflow's
     default would be ``./mlruns`` under whatever the working directory is)."""
     client = client or connect(cfg)
     try:
         experiment = client.get_experiment_by_name(cfg.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        if not cfg.artifact_location:  # a tracking server with proxied artifacts decides
-            return client.create_experiment(cfg.experiment)
-        location = Path(cfg.artifact_location)
-        location.mkdir(parents=True, exist_ok=True)
-        return client.create_experiment(cfg.experiment, artifact_location=location.resolve().as_uri())
+        if experiment is None:
+            experiment = client.get_experiment(_create_experiment(cfg, client))
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # also experiments made by older versions
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
     except (MlflowException, OSError) as err:
         raise TrackingError(f"the tracking store {redact(cfg.uri)} failed: {_short(err)}") from err
 
@@ -297,6 +327,22 @@ class Tracker:
                 for chunk in _chunks(list(params.items()), 100):  # MLflow takes at most 100 params per call
                     self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk])
 
+    def log_dataset(self, name: str, folder: Path, splits: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Each prepared split as an MLflow dataset input (the runs table's Dataset column): ``<name>.<split>``,
+        its DVC digest (the md5 in dvc.lock), the file it was read from, its arrays' schema and its context."""
+        if not self.enabled:
+            return
+        inputs = [
+            DatasetInput(
+                _split_dataset(name, folder / f"{split}.npz", arrays)._to_mlflow_entity(),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)],
+            )
+            for split, arrays in splits.items()
+            if (folder / f"{split}.npz").exists()
+        ]
+        with self._write("logging the dataset inputs"):
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
     def log_text(self, text: str, path: str) -> None:
         """A text artifact (e.g. generated samples) at ``path`` inside the run."""
         if self.enabled:
@@ -326,6 +372,18 @@ class Tracker:
             self.client.log_batch(self.run_id, tags=tags, synchronous=True)
         except Exception as store_err:  # the store may be what failed: the console still has the message
             log.warning("could not record the error in run %s: %s", self.run_id, _short(store_err))
+
+
+def _split_dataset(name: str, path: Path, arrays: Mapping[str, np.ndarray]) -> MetaDataset:
+    md5 = hashlib.md5()  # DVC's file hash: the same digest as the split's entry in dvc.lock
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            md5.update(chunk)
+    schema = Schema([TensorSpec(a.dtype, (-1, *a.shape[1:]), name=k) for k, a in arrays.items()])
+    with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it cannot choose
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(path.resolve()))
+    return MetaDataset(source, name=f"{name}.{path.stem}", digest=md5.hexdigest(), schema=schema)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

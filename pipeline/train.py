@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from pipeline import config, data, tasks, tracking
+from pipeline import config, data, models, sweep, tasks, tracking
 from pipeline.checkpoint import Checkpoint, CheckpointError, save_model_atomic
 from pipeline.redaction import redact
 
@@ -78,6 +78,25 @@ def sigterm_as_interrupt(interrupts: tracking.Interrupts):
         signal.signal(signal.SIGTERM, previous)
 
 
+def size_to_budget(cfg: DictConfig) -> None:
+    """With ``model.param_budget``, set ``model.units`` so the whole model has the parameter count nearest the
+    budget (cells compared at equal capacity). Before seeding: sizing builds throw-away models."""
+    budget = cfg.model.param_budget
+    if not budget:
+        return
+    meta = data.load_meta(cfg.paths.data, cfg.data.name)
+    units, count = models.units_for_budget(cfg.model, meta, budget)
+    log.info(
+        "model.param_budget=%d: %d units give %d parameters (%+.2f%%)",
+        budget,
+        units,
+        count,
+        100 * (count - budget) / budget,
+    )
+    with open_dict(cfg):
+        cfg.model.units = units
+
+
 def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracking.RunLock | None]:
     """The run to continue (``trainer.resume_run_id``, or with ``trainer.resume`` the newest unfinished run of the
     same config) and its lock, held from now on; (None, None) to start afresh.
@@ -121,6 +140,7 @@ def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracki
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate on the test split, track everything; return the final metrics and the run id."""
     config.validate(cfg)
+    size_to_budget(cfg)
     fingerprint = config.fingerprint(cfg)
     resume_run_id, lock = resume_target(cfg, fingerprint)  # first: a refused resume costs nothing
     interrupts = tracking.Interrupts()
@@ -135,6 +155,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
         with sigterm_as_interrupt(interrupts), tracking.start_run(cfg, tags, resume_run_id, interrupts) as tracker:
             run_id = tracker.run_id
+            if not resume_run_id:
+                tracker.log_dataset(cfg.data.name, data.prepared_dir(cfg.paths.data, cfg.data.name), dataset.splits)
             if lock is None and run_id:
                 lock = tracking.RunLock(cfg.paths.checkpoints, run_id).acquire()
             checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (run_id or f"untracked-{fingerprint}"))
@@ -266,6 +288,10 @@ def cli() -> None:
     ends KILLED or FAILED, the exit code is non-zero) and one line instead of a traceback on an interrupt."""
     # Presets, sweeps and budgets are config groups (experiment=ptb_small); the older +experiment= form still works.
     sys.argv = [arg[1:] if arg.startswith(PRESET_GROUPS) else arg for arg in sys.argv]
+    try:
+        sys.argv = [sys.argv[0], *sweep.expand_seeds(sys.argv[1:])]
+    except sweep.SweepError as err:
+        sys.exit(f"error: {err}")
     interrupts = tracking.Interrupts()
     with sigterm_as_interrupt(interrupts):  # a sweep's own process: launchers' workers are stopped on the way out
         try:

@@ -50,7 +50,7 @@ def test_misspelt_key_fails_at_compose_listing_the_valid_keys():
         compose_config(["model.unitz=3"])
     assert str(err.value) == (
         "model.unitz: no such key; did you mean model.units? Valid keys of model: cell, bidirectional, layers, units, "
-        "dropout, recurrent_dropout, unroll, embedding_dim, init_scale."
+        "dropout, recurrent_dropout, unroll, embedding_dim, init_scale, param_budget."
     )
     assert err.value.__cause__ is None  # so Hydra prints this message alone
 
@@ -60,7 +60,7 @@ def test_misspelt_key_fails_at_compose_listing_the_valid_keys():
     [
         (
             ["unitz=3"],
-            "unitz: no such key. Valid keys at the top level: paths, data, model, optimizer, trainer, tracking, seed",
+            "unitz: no such key. Valid keys at the top level: paths, data, model, optimizer, trainer, tracking, anchor, seed",
         ),
         (["data=ptb", "data.max_len=5"], "data.max_len: no such key. Valid keys of data: name, source, kind, vocab"),
         (["trainer.epoch=3"], "trainer.epoch: no such key; did you mean trainer.epochs? Valid keys of trainer: epochs"),

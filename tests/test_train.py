@@ -28,7 +28,7 @@ COMMON_PARAMS = {
     "data.name", "data.source", "data.kind", "data.min_len", "data.max_len", "data.max_value", "data.n_train",
     "data.n_val", "data.n_test", "data.pad_value", "data.seed",
     "model.cell", "model.bidirectional", "model.layers", "model.units", "model.dropout", "model.recurrent_dropout",
-    "model.unroll", "model.embedding_dim", "model.init_scale",
+    "model.unroll", "model.embedding_dim", "model.init_scale", "model.param_budget",
     "optimizer.name", "optimizer.learning_rate", "optimizer.clip_global_norm", "optimizer.lr_decay",
     "optimizer.lr_decay_start",
     "trainer.epochs", "trainer.batch_size", "trainer.bptt_steps", "trainer.max_steps_per_epoch",

@@ -96,8 +96,8 @@ def digest_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load(data_root: str | Path, name: str) -> Dataset:
-    """Load a prepared dataset, or say which command prepares it."""
+def load_meta(data_root: str | Path, name: str) -> dict[str, Any]:
+    """A prepared dataset's ``meta.json`` (what a model needs to know), or say which command prepares it."""
     folder = prepared_dir(data_root, name)
     meta_path = folder / "meta.json"
     if not meta_path.exists():
@@ -105,7 +105,14 @@ def load(data_root: str | Path, name: str) -> Dataset:
             f"no prepared data for {name!r} at {folder}. Prepare it first: "
             f"`python -m pipeline.prepare data={name}` (or `dvc repro prepare_{name}`)."
         )
-    meta = json.loads(meta_path.read_text())
+    return json.loads(meta_path.read_text())
+
+
+def load(data_root: str | Path, name: str) -> Dataset:
+    """Load a prepared dataset, or say which command prepares it."""
+    folder = prepared_dir(data_root, name)
+    meta_path = folder / "meta.json"
+    meta = load_meta(data_root, name)
     files = sorted(folder.glob("*.npz"))
     splits = {}
     for f in files:
