@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import matplotlib
 import pandas as pd
+import scikit_posthocs as sp
 from omegaconf import DictConfig
 
-from pipeline import config, data, tracking
+from pipeline import compare, config, data, tracking
 from pipeline.redaction import redact
 
 matplotlib.use("Agg")  # files only, no display
@@ -90,21 +92,21 @@ def leaderboard(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     return table[order]
 
 
-def plot_curves(name: str, table: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
-    """Validation loss and the task metric per epoch, one line per run, labelled by cell."""
+def plot_curves(name: str, table: pd.DataFrame, runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
+    """Validation loss and the task metric per epoch: per configuration the mean over seeds, shaded with its 95%
+    interval (a configuration with one seed is a plain line)."""
     metric, _ = objective_from_curves(curves)
-    keys = ["val/loss", f"val/{metric}"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labels = dict(zip(table["run_id"], table["cell"] + " (" + table["run"].astype(str) + ")", strict=True))
-    for ax, key in zip(axes, keys, strict=True):
-        for run_id, group in curves[curves["key"] == key].groupby("run_id"):
-            if run_id in labels:
-                ax.plot(group["step"] + 1, group["value"], marker="o", label=labels[run_id])
+    labels = dict(zip(table["config_id"], table["label"], strict=True))
+    for ax, key in zip(axes, ["val/loss", f"val/{metric}"], strict=True):
+        for config_id, band in compare.bands(runs, curves, key).groupby("config_id", sort=False):
+            line = ax.plot(band["epoch"], band["mean"], marker="o", ms=3, label=labels.get(config_id, config_id))[0]
+            ax.fill_between(band["epoch"], band["ci_low"], band["ci_high"], color=line.get_color(), alpha=0.2)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"{name}: validation loss")
+    axes[0].set_title(f"{name}: validation loss (mean, 95% interval over seeds)")
     axes[1].set_title(f"{name}: validation {metric}")
     axes[1].legend(fontsize=7)
     return save(fig, out / f"{name}_curves.png")
@@ -114,25 +116,25 @@ def objective_from_curves(curves: pd.DataFrame) -> tuple[str, bool]:
     return ("perplexity", False) if (curves["key"] == "val/perplexity").any() else ("accuracy", True)
 
 
-def plot_size_and_speed(name: str, table: pd.DataFrame, out: Path) -> list[Path]:
-    """Final test metric against parameter count, and mean time per epoch per cell."""
-    metric = next(c for c in table.columns if c.startswith("test "))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for cell, group in table.groupby("cell"):
-        ax.scatter(group["params"].astype(float), group[metric], label=cell, s=40)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{name}: {metric} vs size")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths = [save(fig, out / f"{name}_size.png")]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    speed = table.groupby("cell")["s/epoch"].mean().sort_values()
-    ax.barh(speed.index, speed.values)
-    ax.set_xlabel("seconds per epoch (mean over runs)")
-    ax.set_title(f"{name}: time per epoch")
-    paths.append(save(fig, out / f"{name}_speed.png"))
+def plot_trade_offs(name: str, table: pd.DataFrame, objective: compare.Objective, out: Path) -> list[Path]:
+    """The test metric (mean, 95% interval as error bars) against parameter count and against seconds per epoch:
+    the trade-off fronts."""
+    paths = []
+    for x, xlabel, suffix, log_x in [
+        ("params", "trainable parameters", "size", True),
+        ("s_per_epoch", "seconds per epoch (mean over seeds)", "speed", False),
+    ]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for row in table.itertuples():
+            half = (row.test_ci_high - row.test_ci_low) / 2 if row.n > 1 else 0.0
+            ax.errorbar(float(getattr(row, x)), row.test_mean, yerr=half, fmt="o", capsize=4, label=row.label)
+        ax.set_xscale("log" if log_x else "linear")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {objective.metric}")
+        ax.set_title(f"{name}: test {objective.metric} vs {suffix}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.append(save(fig, out / f"{name}_{suffix}.png"))
     return paths
 
 
@@ -147,24 +149,125 @@ def save(fig: Any, path: Path) -> Path:
 # The files the report writes, by folder: a report run owns every file matching these and nothing else there.
 OWNED = {
     "leaderboards": ("*.md", "*.csv"),
+    "comparisons": ("*.md", "*.csv"),
     "curves": ("*.csv",),
-    "figures": ("*_curves.png", "*_size.png", "*_speed.png"),
+    "figures": ("*_curves.png", "*_size.png", "*_speed.png", "cells_critical_difference.png"),
 }
 
 
-def write_dataset(name: str, runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """One dataset's leaderboard (Markdown, CSV), curves (CSV) and figures; return the table and the files."""
-    table = leaderboard(runs.reset_index(drop=True), curves)
+@dataclass
+class DatasetReport:
+    """One dataset's results: the runs leaderboard, the configurations aggregated over seeds, and the files."""
+
+    name: str
+    objective: compare.Objective
+    board: pd.DataFrame
+    runs: pd.DataFrame
+    table: pd.DataFrame
+    files: list[Path]
+
+
+def shown(table: pd.DataFrame, objective: compare.Objective) -> pd.DataFrame:
+    """The aggregated table as a reader sees it: mean ± std and the 95% interval in one cell each."""
+    digits = 4 if objective.higher else 2
+
+    def pm(prefix: str) -> pd.Series:
+        return table.apply(lambda r: f"{r[f'{prefix}_mean']:.{digits}f} ± {r[f'{prefix}_std']:.{digits}f}", axis=1)
+
+    def ci(prefix: str) -> pd.Series:
+        return table.apply(
+            lambda r: f"[{r[f'{prefix}_ci_low']:.{digits}f}, {r[f'{prefix}_ci_high']:.{digits}f}]", axis=1
+        )
+
+    fixed = {"label", "config_id", "params", "n", "seeds", "s_per_epoch", "p", "test", "verdict"}
+    varying = [c for c in table.columns if c not in fixed and not c.startswith(("test_", "val_"))]
+    out = table[["label", *varying]].copy()
+    out["params"] = table["params"].astype("Int64")
+    out["seeds"] = table["n"]
+    out[f"test {objective.metric}"], out["test 95% CI"] = pm("test"), ci("test")
+    out[f"best val {objective.metric}"], out["val 95% CI"] = pm("val"), ci("val")
+    out["s/epoch"] = table["s_per_epoch"].round(1)
+    out["vs best (test)"] = table["verdict"]
+    return out.replace("nan", "–", regex=True)
+
+
+def write_dataset(name: str, runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> DatasetReport:
+    """One dataset's leaderboard and aggregated comparison (Markdown, CSV), curves (CSV) and figures."""
+    runs = runs.reset_index(drop=True)
+    board, objective = leaderboard(runs, curves), compare.objective_of(runs)
+    per_run = compare.per_run(runs, curves, objective)
+    table = compare.aggregate(per_run, objective)
     files = [out / "leaderboards" / f"{name}.csv", out / "leaderboards" / f"{name}.md", out / "curves" / f"{name}.csv"]
-    table.to_csv(files[0], index=False)
-    files[1].write_text(table.to_markdown(index=False) + "\n")
-    own = curves[curves["run_id"].isin(table["run_id"])].copy()
-    own["cell"] = own["run_id"].map(dict(zip(table["run_id"], table["cell"], strict=True)))
+    board.to_csv(files[0], index=False)
+    files[1].write_text(board.to_markdown(index=False) + "\n")
+    own = curves[curves["run_id"].isin(board["run_id"])].copy()
+    own["cell"] = own["run_id"].map(dict(zip(board["run_id"], board["cell"], strict=True)))
     wide = own.pivot_table(index=["run_id", "cell", "step"], columns="key", values="value").reset_index()
     wide.insert(3, "epoch", wide.pop("step") + 1)
     wide.to_csv(files[2], index=False)
-    files += [plot_curves(name, table, own, out / "figures"), *plot_size_and_speed(name, table, out / "figures")]
-    return table, files
+    files += [out / "comparisons" / f"{name}.csv", out / "comparisons" / f"{name}.md"]
+    table.to_csv(files[3], index=False)
+    files[4].write_text(shown(table, objective).to_markdown(index=False) + "\n")
+    figures = out / "figures"
+    files += [plot_curves(name, table, per_run, own, figures), *plot_trade_offs(name, table, objective, figures)]
+    return DatasetReport(name, objective, board, per_run, table, files)
+
+
+def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Path]]:
+    """README.md's body: headlines, published numbers, the cross-dataset ranking, then each dataset's aggregated
+    table, figures and runs. Returns the lines and the figures written for it."""
+    lines = ["", "## Headlines", ""]
+    lines += [f"- {compare.headline(r.name, r.table, r.objective)}" for r in reports]
+    lines += [
+        "",
+        f"Best = best mean validation metric (best epoch). Every other configuration is compared with it on "
+        f"the test metric: {compare.TEST}. Intervals: 95% t-intervals of the mean over seeds.",
+    ]
+    anchors = pd.concat([compare.anchors(r.runs) for r in reports], ignore_index=True)
+    if not anchors.empty:
+        lines += ["", "## Published numbers beside ours", "", anchors.round(4).to_markdown(index=False)]
+    lines_cd, figures = render_cell_ranks(reports, out / "figures")
+    lines += lines_cd
+    for r in reports:
+        lines += [
+            f"\n## {r.name}\n",
+            compare.headline(r.name, r.table, r.objective),
+            "",
+            "### Configurations (aggregated over seeds)",
+            "",
+            shown(r.table, r.objective).to_markdown(index=False),
+            "",
+        ]
+        lines += [f"![{p.stem}](figures/{p.name})" for p in r.files if p.suffix == ".png"]
+        lines += ["", "### Runs", "", r.board.drop(columns=["run_id"]).to_markdown(index=False), ""]
+    return lines, figures
+
+
+def render_cell_ranks(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Path]]:
+    """Average ranks of the cells over the datasets where all of them ran, the Friedman test and a Nemenyi
+    critical-difference diagram; nothing when fewer than 3 datasets share 3 cells."""
+    ranked = compare.cell_ranks({r.name: r.table for r in reports}, {r.name: r.objective for r in reports})
+    if ranked is None:
+        return [], []
+    fig, ax = plt.subplots(figsize=(7, 2.5))
+    sp.critical_difference_diagram(ranked["average"], ranked["nemenyi"], ax=ax)
+    ax.set_title("cells: average rank over datasets (lower = better; a bar joins cells Nemenyi cannot separate)")
+    path = save(fig, out / "cells_critical_difference.png")
+    table = ranked["ranks"].copy()
+    table.loc["average rank"] = ranked["average"]
+    lines = [
+        "",
+        "## Cells across datasets",
+        "",
+        f"Each cell's configuration chosen on validation, ranked on its mean test metric per dataset (1 = best). "
+        f"Friedman test over {len(ranked['ranks'])} datasets: chi2 = {ranked['friedman_statistic']:.2f}, "
+        f"{compare.p_text(ranked['friedman_p'])}.",
+        "",
+        table.round(2).to_markdown(),
+        "",
+        f"![{path.stem}](figures/{path.name})",
+    ]
+    return lines, [path]
 
 
 def remove_stale(out: Path, written: list[Path]) -> list[Path]:
@@ -241,11 +344,12 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
         )
     else:
         curves = tracking.metric_histories(cfg.tracking.uri, list(runs["run_id"]), CURVE_KEYS)
-        for name, group in sorted(runs.groupby("tags.dataset"), key=lambda item: item[0]):
-            table, files = write_dataset(name, group, curves, out)
-            boards[name], written = table, written + files
-            sections += [f"\n## {name}\n", table.drop(columns=["run_id"]).to_markdown(index=False), ""]
-            sections += [f"![{p.stem}](figures/{p.name})" for p in files if p.suffix == ".png"]
+        reports = [write_dataset(name, group, curves, out) for name, group in sorted(runs.groupby("tags.dataset"))]
+        boards = {r.name: r.board for r in reports}
+        written = [path for r in reports for path in r.files]
+        lines, figures = render(reports, out)
+        sections += lines
+        written += figures
     remove_stale(out, written)
     (out / "README.md").write_text("\n".join(sections) + "\n")
     data.write_json(out / INDEX, index)

@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -42,6 +43,7 @@ from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipeline import compare
 from pipeline.config import config_id, result_config  # noqa: E402
 from pipeline.redaction import redact, redact_file, redacted  # noqa: E402
 
@@ -581,9 +583,51 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
     status = (
         "KILLED" if stopped == "interrupted" else "FINISHED" if jobs and finished == jobs and not stopped else "FAILED"
     )
+    try:  # the comparison is a convenience: it never changes what the sweep's status says
+        log_comparison(client, parent_id)
+    except Exception as err:
+        log.warning("could not log the sweep's comparison on its parent run %s: %s", parent_id, _short(err))
     client.set_terminated(parent_id, status=status)
     log.info("sweep %s: %d of %d jobs FINISHED (parent %s)", status, finished, jobs, parent_id)
     return status
+
+
+def _metric_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
+
+
+def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
+    """A sweep's FINISHED children aggregated over seeds (``pipeline.compare``), on its parent run: the table and
+    headline as artifacts (``comparison/``), each configuration's test mean, std and 95% interval as metrics
+    ``<label>/test_<metric>_mean`` etc., so the dashboard compares without the report. Returns the table."""
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    mlflow.set_tracking_uri(client.tracking_uri)
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
+        output_format="pandas",
+    )
+    if runs.empty:
+        return None
+    objective = compare.objective_of(runs)
+    curves = metric_histories(client.tracking_uri, list(runs["run_id"]), [objective.val, "perf/epoch_seconds"])
+    table = compare.aggregate(compare.per_run(runs, curves, objective), objective)
+    headline = compare.headline(client.get_run(parent_id).info.run_name, table, objective)
+    client.log_text(parent_id, table.to_csv(index=False), "comparison/comparison.csv")
+    columns = ["label", "n", "test_mean", "test_std", "test_ci_low", "test_ci_high", "val_mean", "verdict"]
+    body = f"{headline}\n\nStatistics: {compare.TEST}.\n\n{table[columns].round(4).to_markdown(index=False)}\n"
+    client.log_text(parent_id, body, "comparison/comparison.md")
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(_metric_key(f"{row['label']}/test_{objective.metric}_{stat}"), float(row[f"test_{stat}"]), now, 0)
+        for _, row in table.iterrows()
+        for stat in ("mean", "std", "ci_low", "ci_high")
+        if pd.notna(row[f"test_{stat}"])
+    ]
+    for chunk in _chunks(metrics, 500):
+        client.log_batch(parent_id, metrics=chunk)
+    client.set_tag(parent_id, "headline", redact(headline)[:ERROR_TAG_CHARS])
+    return table
 
 
 def abandon_sweep(interrupted: bool) -> None:

@@ -60,7 +60,7 @@ def test_misspelt_key_fails_at_compose_listing_the_valid_keys():
     [
         (
             ["unitz=3"],
-            "unitz: no such key. Valid keys at the top level: paths, data, model, optimizer, trainer, tracking, anchor, seed",
+            "unitz: no such key. Valid keys at the top level: paths, data, model, optimizer, trainer, tracking, anchor",
         ),
         (["data=ptb", "data.max_len=5"], "data.max_len: no such key. Valid keys of data: name, source, kind, vocab"),
         (["trainer.epoch=3"], "trainer.epoch: no such key; did you mean trainer.epochs? Valid keys of trainer: epochs"),

@@ -164,3 +164,34 @@ def test_a_report_from_the_same_runs_is_not_redone(store, make_cfg, tmp_path):
     add_run(client, toy, "toy-bigru", "gru", 25000, [0.98], 0.9)
     assert list(report.run(cfg)["toy"]["run"]) == ["toy-bigru", "toy-lstm", "toy-gru", "toy-rnn"]
     assert "| toy-bigru " in readme.read_text()
+
+
+def test_seeded_runs_get_aggregated_rows_headlines_anchors_and_a_cross_dataset_ranking(
+    make_cfg, tmp_path, mlflow_store
+):
+    client = MlflowClient(tracking_uri=mlflow_store)
+    scores = {"gru": 0.95, "lstm": 0.94, "rnn": 0.70}  # + a small per-seed wobble
+    for dataset in ("toy", "mnist", "imdb"):
+        exp = client.create_experiment(f"rnnlab-{dataset}", artifact_location=(tmp_path / "a").as_uri())
+        experiment_id_names[exp] = dataset
+        for cell, score in scores.items():
+            for seed in (1, 2, 3):
+                value = score + 0.003 * seed + (0.0005 * seed * seed if cell == "lstm" else 0)
+                anchor = {"preset": "toy_dynamic", "anchor.metric": "test/accuracy", "anchor.value": "0.95",
+                          "anchor.source": "the seed"} if (dataset, cell) == ("toy", "lstm") else {}  # fmt: skip
+                tags = {"config_id": f"{dataset}-{cell}", "seed": str(seed), **anchor}
+                add_run(client, exp, f"{dataset}-{cell}-{seed}", cell, 100, [value], value, extra_tags=tags)
+    report.run(make_cfg(top="report"))
+    reports = tmp_path / "reports"
+    readme = (reports / "README.md").read_text()
+    assert (
+        "- toy, 3 seeds each (test accuracy, mean ± std): GRU 0.956 ± 0.003 is best (chosen on validation); "
+        "LSTM is worse by 0.008 (p = 0.022); SimpleRNN is worse by 0.250 (p < 0.001)."
+    ) in readme
+    assert "## Published numbers beside ours" in readme and "| toy_dynamic |" in readme
+    assert "## Cells across datasets" in readme and "Friedman test over 3 datasets: chi2 = 6.00" in readme
+    assert (reports / "figures" / "cells_critical_difference.png").stat().st_size > 5000
+    table = pd.read_csv(reports / "comparisons" / "mnist.csv")
+    assert list(table["label"]) == ["GRU", "LSTM", "SimpleRNN"] and list(table["n"]) == [3, 3, 3]
+    assert table["test_mean"].iloc[0] == pytest.approx(0.956) and table["verdict"].iloc[0] == "best"
+    assert "| GRU       |      100 |       3 | 0.9560 ± 0.0030 | [0.9485, 0.9635] |" in (reports / "comparisons" / "mnist.md").read_text()

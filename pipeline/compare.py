@@ -1,0 +1,312 @@
+"""Statistics over seeds: which differences between configurations are real.
+
+Runs repeat a configuration when they share a ``config_id`` (everything that determines the result but the seed).
+Per configuration: mean, standard deviation and a 95% t-interval of the test metric and of the best validation
+metric. The best configuration is chosen on validation; every other one is compared with it on the test metric by a
+paired t-test over the seeds both ran (Welch's t-test when they share fewer than ``MIN_SEEDS``), Holm-corrected for
+the number of comparisons. Across datasets: average ranks, the Friedman test and a Nemenyi critical-difference
+diagram (Demšar 2006). Pure functions on DataFrames: ``pipeline.report`` renders them, ``pipeline.tracking`` logs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scikit_posthocs as sp
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+CONFIDENCE = 0.95  # of every interval
+ALPHA = 0.05  # family-wise error rate of the comparisons with the best (Holm)
+MIN_SEEDS = 3  # fewer seeds: no p-value, "needs more seeds"
+TEST = "paired t-test over matching seeds (Welch's t-test when fewer match), Holm-corrected, two-sided, alpha 0.05"
+CELL_NAMES = {"rnn": "SimpleRNN", "lstm": "LSTM", "gru": "GRU", "birnn": "BiRNN", "bilstm": "BiLSTM", "bigru": "BiGRU"}
+# Params that identify the cell (shown by its name) or never differ in a way worth a column.
+NOT_VARYING = ("params.seed", "params.model.cell", "params.model.bidirectional")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The metric a dataset is judged on: accuracy (higher is better) or perplexity (lower is better)."""
+
+    metric: str
+    higher: bool
+
+    @property
+    def test(self) -> str:
+        return f"test/{self.metric}"
+
+    @property
+    def val(self) -> str:
+        return f"val/{self.metric}"
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher else a < b
+
+
+def objective_of(runs: pd.DataFrame) -> Objective:
+    """Perplexity for a language model's runs, accuracy otherwise."""
+    if "metrics.test/perplexity" in runs and runs["metrics.test/perplexity"].notna().any():
+        return Objective("perplexity", False)
+    return Objective("accuracy", True)
+
+
+def interval(values: Any) -> dict[str, float]:
+    """n, mean, sample standard deviation and the 95% t-interval of the mean (NaN where n is too small)."""
+    x = np.asarray(pd.Series(values).dropna(), dtype=float)
+    n = len(x)
+    mean = float(x.mean()) if n else math.nan
+    std = float(x.std(ddof=1)) if n > 1 else math.nan
+    if n > 1 and std > 0:
+        low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=std / math.sqrt(n))
+    elif n > 1:  # every seed gave the same value
+        low = high = mean
+    else:
+        low = high = math.nan
+    return {"n": n, "mean": mean, "std": std, "ci_low": float(low), "ci_high": float(high)}
+
+
+def derived_config_id(row: pd.Series) -> str:
+    """A run without a ``config_id`` tag (older runs): the same digest from its params, less the seed."""
+    params = {k: row[k] for k in row.index if k.startswith("params.") and k != "params.seed" and pd.notna(row[k])}
+    params["data_digest"] = row.get("tags.data_digest")
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd.DataFrame:
+    """One row per (configuration, seed): the newest run of each, its test metric, best validation metric (best
+    epoch), seconds per epoch, size, cell and params."""
+    runs = runs.reset_index(drop=True)
+    ids = runs["tags.config_id"] if "tags.config_id" in runs else pd.Series([None] * len(runs))
+    config_ids = [
+        cid if isinstance(cid, str) and cid else derived_config_id(row)
+        for cid, (_, row) in zip(ids, runs.iterrows(), strict=True)
+    ]
+    val = curves[curves["key"] == objective.val].groupby("run_id")["value"]
+    seconds = curves[curves["key"] == "perf/epoch_seconds"].groupby("run_id")["value"].mean()
+    table = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "config_id": config_ids,
+            "seed": pd.to_numeric(runs.get("params.seed", runs.get("tags.seed")), errors="coerce"),
+            "cell": runs.get("tags.cell", pd.Series([""] * len(runs))).fillna(""),
+            "params": pd.to_numeric(runs.get("tags.params_count"), errors="coerce"),
+            "test": pd.to_numeric(runs.get(f"metrics.{objective.test}"), errors="coerce"),
+            "end_time": runs.get("end_time"),
+        }
+    )
+    table["best_val"] = table["run_id"].map(val.max() if objective.higher else val.min())
+    table["s_per_epoch"] = table["run_id"].map(seconds)
+    for col in runs.columns:
+        if col.startswith(("params.", "tags.anchor.", "tags.preset", "tags.sweep")):
+            table[col] = runs[col].values
+    table = table.sort_values("end_time", kind="stable")  # a repeated seed counts once: its newest run
+    return table.drop_duplicates(["config_id", "seed"], keep="last").reset_index(drop=True)
+
+
+def varying_params(runs: pd.DataFrame) -> list[str]:
+    """The params that differ between configurations (the seed and the cell's own columns aside)."""
+    configs = runs.drop_duplicates("config_id")
+    return [
+        c
+        for c in runs.columns
+        if c.startswith("params.") and c not in NOT_VARYING and configs[c].astype(str).nunique() > 1
+    ]
+
+
+def label(row: pd.Series, varying: list[str]) -> str:
+    """``GRU``, or ``GRU units=149`` where more than the cell varies."""
+    cell = CELL_NAMES.get(row["cell"], row["cell"] or "?")
+    extra = ", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varying)
+    return f"{cell} {extra}".strip()
+
+
+def aggregate(runs: pd.DataFrame, objective: Objective) -> pd.DataFrame:
+    """One row per configuration, best (on mean best-validation) first: what varies, size, seeds, the test and
+    validation metric (mean, std, 95% interval), seconds per epoch, and the verdict against the best."""
+    varying = varying_params(runs)
+    rows = []
+    for config_id, group in runs.groupby("config_id", sort=False):
+        first = group.iloc[-1]
+        test, val = interval(group["test"]), interval(group["best_val"])
+        rows.append(
+            {
+                "label": label(first, varying),
+                "config_id": config_id,
+                **{c.removeprefix("params."): first[c] for c in varying},
+                "params": first["params"],
+                "n": test["n"],
+                "seeds": ",".join(str(int(s)) for s in sorted(group["seed"].dropna())),
+                **{f"test_{k}": v for k, v in test.items() if k != "n"},
+                **{f"val_{k}": v for k, v in val.items() if k != "n"},
+                "s_per_epoch": group["s_per_epoch"].mean(),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table = table.sort_values("val_mean", ascending=not objective.higher, kind="stable", na_position="last")
+    return judge(runs, table.reset_index(drop=True), objective)
+
+
+def p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def compare_pair(runs: pd.DataFrame, config_id: str, best_id: str) -> tuple[float, str]:
+    """(p, how) for one configuration against the best, on the test metric: paired over matching seeds when at
+    least ``MIN_SEEDS`` match, else Welch's t-test; NaN when either side has fewer than ``MIN_SEEDS`` seeds."""
+    a = runs[runs["config_id"] == config_id].set_index("seed")["test"]
+    b = runs[runs["config_id"] == best_id].set_index("seed")["test"]
+    common = a.index.intersection(b.index)
+    if len(common) >= MIN_SEEDS:
+        diff = a[common] - b[common]
+        if np.allclose(diff, diff.iloc[0]):  # a constant difference: zero variance, t undefined
+            return (1.0 if diff.iloc[0] == 0 else 0.0), "paired"
+        return float(stats.ttest_rel(a[common], b[common]).pvalue), "paired"
+    if len(a) >= MIN_SEEDS and len(b) >= MIN_SEEDS:
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue), "Welch"
+    return math.nan, ""
+
+
+def judge(runs: pd.DataFrame, table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
+    """Add ``p`` (Holm-adjusted), ``test`` (which test) and ``verdict`` to each row: "best", "not distinguishable
+    from best (p = ...)", "worse (p = ...)", "better on test (p = ...)" or "needs >= 3 seeds"."""
+    best_id = table["config_id"].iloc[0]
+    tested = [compare_pair(runs, cid, best_id) for cid in table["config_id"].iloc[1:]]
+    raw = [p for p, _ in tested]
+    valid = [i for i, p in enumerate(raw) if not math.isnan(p)]
+    adjusted = [math.nan] * len(raw)
+    if valid:
+        corrected = multipletests([raw[i] for i in valid], alpha=ALPHA, method="holm")[1]
+        for i, p in zip(valid, corrected, strict=True):
+            adjusted[i] = float(p)
+    best_mean = table["test_mean"].iloc[0]
+    verdicts = ["best"]
+    for (p, _), row in zip(zip(adjusted, tested, strict=True), table.iloc[1:].itertuples(), strict=True):
+        if math.isnan(p):
+            verdicts.append(f"needs >= {MIN_SEEDS} seeds")
+        elif p >= ALPHA:
+            verdicts.append(f"not distinguishable from best ({p_text(p)})")
+        elif objective.better(row.test_mean, best_mean):
+            verdicts.append(f"better on test ({p_text(p)})")
+        else:
+            verdicts.append(f"worse ({p_text(p)})")
+    table["p"] = [math.nan, *adjusted]
+    table["test"] = ["", *[how for _, how in tested]]
+    table["verdict"] = verdicts
+    return table
+
+
+def headline(name: str, table: pd.DataFrame, objective: Objective) -> str:
+    """One sentence a reader takes away, e.g. "imdb, 5 seeds each (test accuracy, mean ± std): GRU 0.846 ± 0.004
+    and LSTM 0.842 ± 0.006 are not distinguishable; SimpleRNN is worse by 0.050 (p < 0.001)"."""
+    if table.empty:
+        return f"{name}: no finished runs."
+    seeds = sorted(set(table["n"]))
+    each = f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''} each" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
+    lead = f"{name}, {each} (test {objective.metric}, mean ± std)"
+    digits = 3 if objective.higher else 1
+    if len(table) == 1:
+        return f"{lead}: {describe(table.iloc[0], digits)}; nothing to compare it with."
+    if table["n"].iloc[0] < MIN_SEEDS:
+        best = describe(table.iloc[0], digits)
+        return f"{lead}: best on validation {best}; run at least {MIN_SEEDS} seeds to compare."
+    best_mean = table["test_mean"].iloc[0]
+    tied = [describe(r, digits) for _, r in table.iloc[1:].iterrows() if r["verdict"].startswith("not distinguish")]
+    best = describe(table.iloc[0], digits)
+    parts = [f"{join([best, *tied])} are not distinguishable" if tied else f"{best} is best (chosen on validation)"]
+    for _, r in table.iloc[1:].iterrows():
+        gap = abs(r["test_mean"] - best_mean)
+        if r["verdict"].startswith(("worse", "better")):
+            word = "worse" if r["verdict"].startswith("worse") else "better on test"
+            parts.append(f"{r['label']} is {word} by {gap:.{digits}f} ({p_text(r['p'])})")
+        elif r["verdict"].startswith("needs"):
+            parts.append(f"{r['label']} needs {MIN_SEEDS}+ seeds")
+    return f"{lead}: " + "; ".join(parts) + "."
+
+
+def describe(row: pd.Series, digits: int = 3) -> str:
+    std = "" if math.isnan(row["test_std"]) else f" ± {row['test_std']:.{digits}f}"
+    return f"{row['label']} {row['test_mean']:.{digits}f}{std}"
+
+
+def join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def bands(runs: pd.DataFrame, curves: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Per configuration and epoch: the mean of ``key`` over seeds and its 95% interval (columns config_id, epoch,
+    n, mean, ci_low, ci_high)."""
+    own = curves[(curves["key"] == key) & curves["run_id"].isin(runs["run_id"])]
+    own = own.merge(runs[["run_id", "config_id"]], on="run_id")
+    rows = [
+        {"config_id": cid, "epoch": int(step) + 1, **interval(group["value"])}
+        for (cid, step), group in own.groupby(["config_id", "step"])
+    ]
+    return pd.DataFrame(rows, columns=["config_id", "epoch", "n", "mean", "std", "ci_low", "ci_high"])
+
+
+def anchors(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each preset with a published figure: ours (mean, 95% interval over its seeds) beside it, and whether it is
+    reproduced (inside our interval), better or worse, by how much."""
+    if "tags.anchor.value" not in runs:
+        return pd.DataFrame()
+    rows = []
+    anchored = runs.dropna(subset=["tags.anchor.value"]).assign(preset=runs.get("tags.preset", ""))
+    anchored["preset"] = anchored["preset"].fillna("")
+    for (preset, _), group in anchored.groupby(["preset", "config_id"]):
+        first = group.iloc[-1]
+        metric = first["tags.anchor.metric"]
+        higher = metric.endswith("accuracy")
+        column = "test" if metric.startswith("test/") else "best_val"
+        ours, published = interval(group[column]), float(first["tags.anchor.value"])
+        if ours["n"] > 1 and ours["ci_low"] <= published <= ours["ci_high"]:
+            verdict = "reproduced"
+        else:
+            verdict = "better" if (ours["mean"] > published) == higher else "worse"
+        rows.append(
+            {
+                "preset": preset,
+                "metric": metric if column == "test" else f"best {metric}",
+                "published": published,
+                "ours": ours["mean"],
+                "ci_low": ours["ci_low"],
+                "ci_high": ours["ci_high"],
+                "n": ours["n"],
+                "gap": ours["mean"] - published,
+                "verdict": verdict,
+                "source": first["tags.anchor.source"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def cell_ranks(tables: dict[str, pd.DataFrame], objectives: dict[str, Objective]) -> dict[str, Any] | None:
+    """Cells ranked on every dataset where each of them has results (each cell's configuration chosen on validation,
+    ranked on its mean test metric; 1 = best), their average ranks, the Friedman test and Nemenyi's pairwise p-values.
+    None when fewer than 3 datasets or 3 cells are in common."""
+    scores = {}
+    for name, table in tables.items():
+        by_cell = table.assign(cell=table["label"].str.split(" ").str[0]).drop_duplicates("cell")  # best val first
+        scores[name] = by_cell.set_index("cell")["test_mean"] * (1 if objectives[name].higher else -1)
+    frame = pd.DataFrame(scores).T.dropna(axis=1)  # datasets x cells, higher = better
+    if frame.shape[0] < 3 or frame.shape[1] < 3:
+        return None
+    ranks = frame.rank(axis=1, ascending=False)
+    friedman = stats.friedmanchisquare(*[frame[c] for c in frame.columns])
+    nemenyi = sp.posthoc_nemenyi_friedman(frame.to_numpy())
+    nemenyi.index = nemenyi.columns = frame.columns
+    return {
+        "ranks": ranks,
+        "average": ranks.mean().sort_values(),
+        "friedman_statistic": float(friedman.statistic),
+        "friedman_p": float(friedman.pvalue),
+        "nemenyi": nemenyi,
+    }

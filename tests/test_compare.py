@@ -1,0 +1,244 @@
+"""Statistics over seeds with known answers: aggregation, intervals, the significance verdicts, grouping by
+config_id, anchors, cross-dataset ranks; capacity-matched sizing; ``seeds=N``."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from pipeline import compare, models, sweep, tracking
+from tests.conftest import CONF, compose_config
+
+T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # Student's t, 97.5% quantile, by degrees of freedom
+ACC = compare.Objective("accuracy", True)
+
+
+def test_interval_of_known_values():
+    got = compare.interval([1, 2, 3, 4, 5])
+    half = T_975[4] * math.sqrt(2.5) / math.sqrt(5)
+    assert got["n"] == 5 and got["mean"] == 3 and got["std"] == pytest.approx(math.sqrt(2.5))
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((3 - half, 3 + half))
+    one = compare.interval([0.7])
+    assert one["mean"] == 0.7 and math.isnan(one["std"]) and math.isnan(one["ci_low"])
+    assert compare.interval([0.5, 0.5, 0.5])["ci_low"] == 0.5  # no spread: a point, not NaN
+
+
+# --- A store of constructed runs ------------------------------------------------------------------------------------
+def add_run(client, exp, config_id, seed, test, val_curve, cell="lstm", lr=0.01, tagged=True):
+    tags = {"dataset": "toy", "cell": cell, "seed": str(seed), "params_count": "100"}
+    if tagged:
+        tags["config_id"] = config_id
+    run = client.create_run(exp, tags=tags)
+    rid = run.info.run_id
+    for key, value in {"seed": seed, "model.cell": cell, "optimizer.learning_rate": lr}.items():
+        client.log_param(rid, key, value)
+    for step, value in enumerate(val_curve):
+        client.log_metric(rid, "val/accuracy", value, step=step)
+        client.log_metric(rid, "perf/epoch_seconds", 2.0, step=step)
+    client.log_metric(rid, "test/accuracy", test)
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def aggregate_store(uri):
+    runs = tracking.finished_runs(uri, "%")
+    curves = tracking.metric_histories(uri, list(runs["run_id"]), ["val/accuracy", "perf/epoch_seconds"])
+    per_run = compare.per_run(runs, curves, ACC)
+    return per_run, compare.aggregate(per_run, ACC)
+
+
+@pytest.fixture
+def store(mlflow_store):
+    client = MlflowClient(mlflow_store)
+    return mlflow_store, client, client.create_experiment("toy")
+
+
+def test_aggregation_gives_exact_means_stds_intervals_and_a_paired_verdict(store):
+    uri, client, exp = store
+    for seed, (a, b) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.84, 0.72)], start=1):
+        add_run(client, exp, "A", seed, a, [0.5, a + 0.01, a])  # best validation = epoch 2
+        add_run(client, exp, "B", seed, b, [0.5, b], cell="rnn")
+    _, table = aggregate_store(uri)
+    assert list(table["config_id"]) == ["A", "B"] and list(table["label"]) == ["LSTM", "SimpleRNN"]
+    a = table.iloc[0]
+    half = T_975[2] * 0.02 / math.sqrt(3)
+    assert (a["n"], a["seeds"], a["test_mean"], a["test_std"]) == (3, "1,2,3", pytest.approx(0.82), pytest.approx(0.02))
+    assert (a["test_ci_low"], a["test_ci_high"]) == pytest.approx((0.82 - half, 0.82 + half))
+    assert a["val_mean"] == pytest.approx(0.83) and a["s_per_epoch"] == 2.0
+    # Paired differences 0.10, 0.11, 0.12: t = 0.11 / (0.01 / sqrt 3) with 2 degrees of freedom.
+    p = 2 * (1 - __import__("scipy").stats.t.cdf(0.11 / (0.01 / math.sqrt(3)), 2))
+    assert table.iloc[1]["p"] == pytest.approx(p) and table.iloc[1]["test"] == "paired"
+    assert table.iloc[1]["verdict"] == f"worse ({compare.p_text(p)})" and a["verdict"] == "best"
+    line = compare.headline("toy", table, ACC)
+    assert line.startswith("toy, 3 seeds each (test accuracy, mean ± std): LSTM 0.820 ± 0.020 is best")
+    assert "SimpleRNN is worse by 0.110 (p = 0.003)" in line
+
+
+def test_two_draws_of_one_distribution_are_not_distinguishable_and_separated_groups_are(store):
+    uri, client, exp = store
+    rng = np.random.default_rng(7)
+    same = rng.normal(0.80, 0.02, size=(2, 5))
+    far = rng.normal(0.60, 0.02, size=5)
+    for seed in range(5):
+        for cid, value in [("A", same[0, seed]), ("B", same[1, seed]), ("C", far[seed])]:
+            add_run(client, exp, cid, seed + 1, value, [value], cell={"A": "lstm", "B": "gru", "C": "rnn"}[cid])
+    _, table = aggregate_store(uri)
+    verdicts = dict(zip(table["config_id"], table["verdict"], strict=True))
+    assert table["config_id"].iloc[-1] == "C" and verdicts["C"].startswith("worse (p")
+    other = "B" if table["config_id"].iloc[0] == "A" else "A"
+    assert verdicts[other].startswith("not distinguishable from best (p = ")
+    assert table.set_index("config_id").loc[other, "p"] > 0.05
+
+
+def test_rows_group_by_config_id_and_never_mix_configurations(store):
+    uri, client, exp = store
+    for seed in (1, 2, 3):
+        add_run(client, exp, "lr-small", seed, 0.8, [0.8], lr=0.01)
+        add_run(client, exp, "lr-big", seed, 0.7, [0.7], lr=0.1)
+    add_run(client, exp, "lr-small", 1, 0.9, [0.9], lr=0.01)  # the same seed again: its newest run counts
+    for seed in (1, 2):  # older runs without the tag group by their params (less the seed)
+        add_run(client, exp, None, seed, 0.5, [0.5], lr=0.3, tagged=False)
+    per_run, table = aggregate_store(uri)
+    assert len(table) == 3 and sorted(table["n"]) == [2, 3, 3]
+    small = table.set_index("config_id").loc["lr-small"]
+    assert small["test_mean"] == pytest.approx((0.9 + 0.8 + 0.8) / 3) and small["optimizer.learning_rate"] == "0.01"
+    for _, group in per_run.groupby("config_id"):
+        assert group["params.optimizer.learning_rate"].nunique() == 1  # one configuration per row
+    assert set(table["label"]) == {"LSTM learning_rate=0.01", "LSTM learning_rate=0.1", "LSTM learning_rate=0.3"}
+    assert table.set_index("n").loc[2, "verdict"] == "needs >= 3 seeds"
+
+
+def test_fewer_than_three_seeds_ask_for_more_instead_of_a_p_value(store):
+    uri, client, exp = store
+    for seed in (1, 2):
+        add_run(client, exp, "A", seed, 0.8, [0.8])
+        add_run(client, exp, "B", seed, 0.6, [0.6], cell="gru")
+    _, table = aggregate_store(uri)
+    assert list(table["verdict"]) == ["best", "needs >= 3 seeds"] and math.isnan(table["p"].iloc[1])
+    assert "run at least 3 seeds to compare" in compare.headline("toy", table, ACC)
+
+
+def test_anchor_rows_say_reproduced_better_or_worse():
+    runs = pd.DataFrame(
+        {
+            "config_id": ["a"] * 3 + ["b"] * 3,
+            "test": [0.97, 0.98, 0.99, 0.80, 0.81, 0.82],
+            "best_val": [0.97, 0.98, 0.99, 0.80, 0.81, 0.82],
+            "tags.preset": ["mnist_lstm"] * 3 + ["imdb_seed"] * 3,
+            "tags.anchor.metric": ["test/accuracy"] * 6,
+            "tags.anchor.value": ["0.98"] * 3 + ["0.78"] * 3,
+            "tags.anchor.source": ["seed"] * 6,
+        }
+    )
+    table = compare.anchors(runs).set_index("preset")
+    assert table.loc["mnist_lstm", "verdict"] == "reproduced" and table.loc["mnist_lstm", "ours"] == pytest.approx(0.98)
+    assert table.loc["imdb_seed", "verdict"] == "better" and table.loc["imdb_seed", "gap"] == pytest.approx(0.03)
+
+
+def test_cells_are_ranked_across_datasets_with_a_friedman_test():
+    def table(values):
+        return pd.DataFrame({"label": list(values), "test_mean": list(values.values())})
+
+    tables = {  # GRU best everywhere, SimpleRNN worst everywhere
+        "toy": table({"GRU": 0.99, "LSTM": 0.98, "SimpleRNN": 0.90}),
+        "mnist": table({"GRU": 0.985, "LSTM": 0.98, "SimpleRNN": 0.95}),
+        "imdb": table({"LSTM": 0.84, "GRU": 0.85, "SimpleRNN": 0.70}),
+        "ptb": table({"GRU": 120.0, "LSTM": 125.0, "SimpleRNN": 150.0}),
+    }
+    objectives = {"toy": ACC, "mnist": ACC, "imdb": ACC, "ptb": compare.Objective("perplexity", False)}
+    ranked = compare.cell_ranks(tables, objectives)
+    assert ranked["average"].to_dict() == {"GRU": 1.0, "LSTM": 2.0, "SimpleRNN": 3.0}
+    assert ranked["friedman_statistic"] == pytest.approx(8.0) and ranked["friedman_p"] == pytest.approx(math.exp(-4))
+    assert ranked["nemenyi"].shape == (3, 3)
+    assert compare.cell_ranks(dict(list(tables.items())[:2]), objectives) is None  # 2 datasets: no ranking
+
+
+# --- Capacity-matched cells ------------------------------------------------------------------------------------------
+METAS = {
+    "toy": {"name": "toy", "kind": "classification", "input": "dense", "features": 1, "pad_value": -1.0,
+            "num_classes": 2},
+    "mnist": {"name": "mnist", "kind": "classification", "input": "dense", "features": 28, "pad_value": None,
+              "num_classes": 10},
+    "imdb": {"name": "imdb", "kind": "classification", "input": "tokens", "vocab_size": 10000, "num_classes": 2},
+    "ptb": {"name": "ptb", "kind": "language_model", "input": "tokens", "vocab_size": 10000},
+}  # fmt: skip
+MATCHED = {"toy": "toy_dynamic", "mnist": "mnist_lstm", "imdb": "imdb_lstm", "ptb": "ptb_quick"}
+
+
+@pytest.mark.parametrize("dataset", sorted(MATCHED))
+def test_each_matched_sweep_budget_is_its_presets_lstm(dataset):
+    cfg = compose_config([f"experiment={MATCHED[dataset]}"])
+    budget = OmegaConf.load(CONF / "sweep" / f"cells_{dataset}_matched.yaml").model.param_budget
+    assert models.count_params(cfg.model, METAS[dataset], cfg.model.units) == budget
+
+
+def sizing_cases(datasets):
+    return [
+        pytest.param(ds, cell, layers, bi, id=f"{ds}-{'bi' if bi else ''}{cell}-{layers}")
+        for ds in datasets
+        for cell in ("rnn", "lstm", "gru")
+        for layers in (1, 2)
+        for bi in (False, True)
+        if not (bi and METAS[ds]["kind"] == "language_model")
+    ]
+
+
+def check_sizing(dataset, cell, layers, bi):
+    base = compose_config([f"experiment={MATCHED[dataset]}"]).model
+    budget = OmegaConf.load(CONF / "sweep" / f"cells_{dataset}_matched.yaml").model.param_budget
+    cfg = OmegaConf.merge(base, {"cell": cell, "layers": layers, "bidirectional": bi})
+    units, count = models.units_for_budget(cfg, METAS[dataset], budget)
+    assert count == models.count_params(cfg, METAS[dataset], units)  # what the factory builds
+    neighbours = [models.count_params(cfg, METAS[dataset], u) for u in (units - 1, units + 1) if u >= 1]
+    assert abs(count - budget) <= 0.02 * budget or all(abs(n - budget) >= abs(count - budget) for n in neighbours)
+
+
+FAST_SIZING = {"toy-rnn-1", "toy-bigru-2", "mnist-lstm-1"}  # the fast tier's sample; the integration tier: all
+
+
+@pytest.mark.parametrize(
+    ("dataset", "cell", "layers", "bi"), [c for c in sizing_cases(["toy", "mnist"]) if c.id in FAST_SIZING]
+)
+def test_param_budget_lands_within_2_percent(dataset, cell, layers, bi):
+    check_sizing(dataset, cell, layers, bi)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("dataset", "cell", "layers", "bi"), [c for c in sizing_cases(sorted(METAS)) if c.id not in FAST_SIZING]
+)
+def test_param_budget_lands_within_2_percent_on_every_dataset(dataset, cell, layers, bi):
+    check_sizing(dataset, cell, layers, bi)
+
+
+def test_a_budget_below_the_smallest_model_takes_one_unit():
+    cfg = compose_config(["experiment=toy_dynamic"]).model
+    assert models.units_for_budget(cfg, METAS["toy"], 1) == (1, models.count_params(cfg, METAS["toy"], 1))
+
+
+# --- seeds=N ----------------------------------------------------------------------------------------------------------
+def test_seeds_expand_to_the_same_seeds_for_every_configuration():
+    assert sweep.expand_seeds(["sweep=cells_toy", "seeds=3"]) == [
+        "sweep=cells_toy",
+        "seed=1,2,3",
+        "hydra.mode=MULTIRUN",
+    ]
+    assert sweep.expand_seeds(["-m", "model=rnn,gru", "+seeds=2"]) == ["-m", "model=rnn,gru", "seed=1,2"]
+    assert sweep.expand_seeds(["model=gru"]) == ["model=gru"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["seeds=0"], "seeds must be a whole number of seeds from 1 to 1000"),
+        (["seeds=two"], "got 'two'"),
+        (["seeds=3", "seed=1,2"], "either seeds=N (seeds 1..N) or seed=a,b,c"),
+        (["seeds=3", "seeds=4"], "more than once"),
+    ],
+)
+def test_bad_seeds_say_how_to_write_them(argv, message):
+    with pytest.raises(sweep.SweepError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        sweep.expand_seeds(argv)
