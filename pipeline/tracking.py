@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # A logged model's requirements, stated: MLflow would otherwise load the model in a child process to infer them
 # (about 9 s a model here).
 MODEL_REQUIREMENTS = [f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "keras", "tensorflow-cpu")]
+DATASET_ATTEMPTS = 4  # log_inputs tries (a race between parallel sweep jobs loses the first)
 ERROR_TAG_CHARS = 5000  # MLflow tag values hold at most 8,000 characters
 
 
@@ -343,7 +344,14 @@ class Tracker:
             if (folder / f"{split}.npz").exists()
         ]
         with self._write("logging the dataset inputs"):
-            self.client.log_inputs(self.run_id, datasets=inputs)
+            for attempt in range(DATASET_ATTEMPTS):
+                try:  # MLflow checks, then inserts a new dataset: parallel jobs can race to insert the same one
+                    self.client.log_inputs(self.run_id, datasets=inputs)
+                    return
+                except MlflowException:
+                    if attempt == DATASET_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))  # the winner's dataset is there now: link to it
 
     def log_text(self, text: str, path: str) -> None:
         """A text artifact (e.g. generated samples) at ``path`` inside the run."""
@@ -708,6 +716,15 @@ class SweepCallback(Callback):
                 "sweep FAILED: not every job finished (parent run %s); see the FAILED runs' error tag", self.parent
             )
             raise SweepFailed(1)
+
+
+def experiments(tracking_uri: str, pattern: str) -> list[tuple[str, str]]:
+    """(name, id) of the experiments whose name matches ``pattern`` (SQL LIKE), by name."""
+    problem = _store_problem(tracking_uri, timeout=5)
+    if problem:
+        raise TrackingError(f"the tracking store {redact(tracking_uri)} cannot be used: {problem}")
+    found = MlflowClient(tracking_uri).search_experiments(filter_string=f"name LIKE '{pattern}'")
+    return sorted((e.name, e.experiment_id) for e in found)
 
 
 def finished_runs(tracking_uri: str, experiment_pattern: str) -> pd.DataFrame:

@@ -194,4 +194,7 @@ def test_seeded_runs_get_aggregated_rows_headlines_anchors_and_a_cross_dataset_r
     table = pd.read_csv(reports / "comparisons" / "mnist.csv")
     assert list(table["label"]) == ["GRU", "LSTM", "SimpleRNN"] and list(table["n"]) == [3, 3, 3]
     assert table["test_mean"].iloc[0] == pytest.approx(0.956) and table["verdict"].iloc[0] == "best"
-    assert "| GRU       |      100 |       3 | 0.9560 ± 0.0030 | [0.9485, 0.9635] |" in (reports / "comparisons" / "mnist.md").read_text()
+    assert (
+        "| GRU       |      100 |       3 | 0.9560 ± 0.0030 | [0.9485, 0.9635] |"
+        in (reports / "comparisons" / "mnist.md").read_text()
+    )

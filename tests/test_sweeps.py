@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
@@ -151,6 +152,40 @@ def test_two_by_two_sweep_is_one_parent_with_four_children(make_cfg, tmp_path, l
         logged = Path(client.download_artifacts(child.info.run_id, "config.yaml", str(tmp_path))).read_text()
         assert f"intra_op_threads: {1 if launcher == 'parallel' else 0}\n" in logged  # a runtime key: not a param
     assert combos == {(c, o) for c in ("rnn", "gru") for o in ("adam", "rmsprop")}
+
+
+@pytest.mark.integration
+def test_a_seeded_two_config_sweep_is_one_parent_six_children_and_two_aggregated_rows(make_cfg, tmp_path):
+    prepare.run(make_cfg(*SMALL))
+    multirun(tmp_path, "model=rnn,gru", "seeds=3", "tracking.sweep_name=seeded", "hydra/launcher=parallel")
+    client, (parent,), children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.data.params["seed"] == "1,2,3" and len(children) == 6
+    by_config: dict[str, list] = {}
+    for child in children:
+        by_config.setdefault(child.data.tags["config_id"], []).append(child)
+    assert len(by_config) == 2  # the cells differ, the seeds do not make new configurations
+    for runs in by_config.values():
+        assert (
+            sorted(int(r.data.tags["seed"]) for r in runs) == [1, 2, 3]
+            and len({r.data.tags["cell"] for r in runs}) == 1
+        )
+    inputs = children[0].inputs.dataset_inputs  # the prepared splits, as MLflow datasets with DVC's digests
+    assert sorted((i.dataset.name, i.tags[0].value) for i in inputs) == [
+        ("toy.test", "test"),
+        ("toy.train", "train"),
+        ("toy.val", "val"),
+    ]
+    assert all(len(i.dataset.digest) == 32 for i in inputs)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The parent carries the comparison: the table as an artifact, each configuration's mean and interval as metrics.
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert {"GRU/test_accuracy_mean", "SimpleRNN/test_accuracy_mean", "GRU/test_accuracy_ci_low"} <= set(metrics)
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path)))
+    assert sorted(table["label"]) == ["GRU", "SimpleRNN"] and list(table["n"]) == [3, 3]
+    gru = [c.data.metrics["test/accuracy"] for c in children if c.data.tags["cell"] == "gru"]
+    assert metrics["GRU/test_accuracy_mean"] == pytest.approx(sum(gru) / 3)
+    assert parent.data.tags.get("headline") or client.get_run(parent.info.run_id).data.tags["headline"]
 
 
 @pytest.mark.integration

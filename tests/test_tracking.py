@@ -1,12 +1,16 @@
 """The tracking store: a store that cannot work fails at once with one message naming it and the fix."""
 
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline import prepare, tracking, train
 from tests.conftest import REPO
@@ -105,3 +109,39 @@ def test_a_failed_run_keeps_its_error_in_mlflow(make_cfg, mlflow_store):
     assert run.info.status == "FAILED"
     assert "TrainingError: " in run.data.tags["error"] and "diverged" in run.data.tags["error"]
     assert "diverged" in run.data.tags["mlflow.note.content"]
+
+
+def _log_same_datasets(uri: str, experiment_id: str, folder: str, barrier, rounds: int, errors) -> None:
+    """One sweep job's part of the race: a new run per round, the same dataset inputs as the other job's, at once."""
+    client = MlflowClient(uri)
+    for step in range(rounds):
+        run = client.create_run(experiment_id)
+        split = Path(folder) / f"round{step}.npz"
+        barrier.wait()
+        try:
+            tracking.Tracker(client, run.info.run_id).log_dataset("toy", Path(folder), {split.stem: {"x": np.zeros(2)}})
+        except Exception as err:  # reported to the test, which fails on any
+            errors.put(repr(err))
+
+
+@pytest.mark.integration
+def test_parallel_jobs_logging_the_same_new_dataset_all_succeed(mlflow_store, tmp_path):
+    """MLflow inserts a new dataset after checking that it is missing: two sweep jobs starting together raced to
+    insert the same one and the loser's run FAILED. Both processes log the same new dataset each round, released
+    together by a barrier."""
+    rounds = 8
+    for step in range(rounds):
+        np.savez(tmp_path / f"round{step}.npz", x=np.full(3, step))
+    experiment_id = MlflowClient(mlflow_store).create_experiment("race", artifact_location=(tmp_path / "a").as_uri())
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(2), ctx.Queue()
+    args = (mlflow_store, experiment_id, str(tmp_path), barrier, rounds, errors)
+    jobs = [ctx.Process(target=_log_same_datasets, args=args) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=120)
+    assert [job.exitcode for job in jobs] == [0, 0]
+    assert errors.empty(), errors.get()
+    runs = MlflowClient(mlflow_store).search_runs([experiment_id])
+    assert len(runs) == 2 * rounds and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
