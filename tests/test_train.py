@@ -133,3 +133,21 @@ def test_data_overrides_at_train_time_must_match_the_prepared_data(smoke, tmp_pa
     assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()]
     )
+
+
+def test_a_param_budget_sizes_the_units_and_the_run_records_them(smoke, tmp_path):
+    result = smoke("model=gru", "model.param_budget=5000", "tracking.log_model=false")
+    count = result["model"].count_params()
+    assert abs(count - 5000) <= 0.02 * 5000  # the GRU nearest 5,000 parameters
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(result["run_id"])
+    assert run.data.params["model.param_budget"] == "5000" and run.data.tags["params_count"] == str(count)
+    assert int(run.data.params["model.units"]) == result["model"].get_layer("gru_1").units
+
+
+def test_config_id_is_the_configuration_without_its_seed(make_cfg):
+    def cid(*overrides, digest="d1", precision="float32"):
+        return config.config_id(make_cfg(*overrides), digest, precision)
+
+    assert cid("seed=1") == cid("seed=2") == cid("seed=3", "trainer.verbose=2")  # runtime keys do not count
+    assert len({cid(), cid("optimizer.learning_rate=0.1"), cid(digest="d2"), cid(precision="bfloat16_grad")}) == 4
+    assert cid() != config.fingerprint(make_cfg())  # the resume fingerprint keeps the seed
