@@ -29,6 +29,7 @@ TEST = "paired t-test over matching seeds (Welch's t-test when fewer match), Hol
 CELL_NAMES = {"rnn": "SimpleRNN", "lstm": "LSTM", "gru": "GRU", "birnn": "BiRNN", "bilstm": "BiLSTM", "bigru": "BiGRU"}
 # Params that identify the cell (shown by its name) or never differ in a way worth a column.
 NOT_VARYING = ("params.seed", "params.model.cell", "params.model.bidirectional")
+NOT_IN_LABEL = ("params.model.param_budget",)  # a column of its own; the units it chose name the row
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
 def label(row: pd.Series, varying: list[str]) -> str:
     """``GRU``, or ``GRU units=149`` where more than the cell varies."""
     cell = CELL_NAMES.get(row["cell"], row["cell"] or "?")
-    extra = ", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varying)
+    extra = ", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varying if c not in NOT_IN_LABEL)
     return f"{cell} {extra}".strip()
 
 
@@ -296,7 +297,8 @@ def cell_ranks(tables: dict[str, pd.DataFrame], objectives: dict[str, Objective]
     for name, table in tables.items():
         by_cell = table.assign(cell=table["label"].str.split(" ").str[0]).drop_duplicates("cell")  # best val first
         scores[name] = by_cell.set_index("cell")["test_mean"] * (1 if objectives[name].higher else -1)
-    frame = pd.DataFrame(scores).T.dropna(axis=1)  # datasets x cells, higher = better
+    frame = pd.DataFrame(scores).T  # datasets x cells, higher = better
+    frame = frame[frame.notna().sum(axis=1) >= 3].dropna(axis=1)  # datasets with 3+ cells; the cells all of them ran
     if frame.shape[0] < 3 or frame.shape[1] < 3:
         return None
     ranks = frame.rank(axis=1, ascending=False)

@@ -249,9 +249,9 @@ def render_cell_ranks(reports: list[DatasetReport], out: Path) -> tuple[list[str
     ranked = compare.cell_ranks({r.name: r.table for r in reports}, {r.name: r.objective for r in reports})
     if ranked is None:
         return [], []
-    fig, ax = plt.subplots(figsize=(7, 2.5))
+    fig, ax = plt.subplots(figsize=(8, 2.8))
     sp.critical_difference_diagram(ranked["average"], ranked["nemenyi"], ax=ax)
-    ax.set_title("cells: average rank over datasets (lower = better; a bar joins cells Nemenyi cannot separate)")
+    ax.set_title("average rank over datasets (1 = best); a bar joins cells Nemenyi cannot separate", fontsize=9)
     path = save(fig, out / "cells_critical_difference.png")
     table = ranked["ranks"].copy()
     table.loc["average rank"] = ranked["average"]

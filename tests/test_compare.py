@@ -147,8 +147,15 @@ def test_cells_are_ranked_across_datasets_with_a_friedman_test():
         "mnist": table({"GRU": 0.985, "LSTM": 0.98, "SimpleRNN": 0.95}),
         "imdb": table({"LSTM": 0.84, "GRU": 0.85, "SimpleRNN": 0.70}),
         "ptb": table({"GRU": 120.0, "LSTM": 125.0, "SimpleRNN": 150.0}),
+        "imdb_long": table({"LSTM": 0.88}),  # one cell: left out, not a reason to drop the others
     }
-    objectives = {"toy": ACC, "mnist": ACC, "imdb": ACC, "ptb": compare.Objective("perplexity", False)}
+    objectives = {
+        "toy": ACC,
+        "mnist": ACC,
+        "imdb": ACC,
+        "imdb_long": ACC,
+        "ptb": compare.Objective("perplexity", False),
+    }
     ranked = compare.cell_ranks(tables, objectives)
     assert ranked["average"].to_dict() == {"GRU": 1.0, "LSTM": 2.0, "SimpleRNN": 3.0}
     assert ranked["friedman_statistic"] == pytest.approx(8.0) and ranked["friedman_p"] == pytest.approx(math.exp(-4))
