@@ -15,9 +15,9 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 @pytest.fixture(scope="session")
 def real_data(tmp_path_factory) -> Path:
-    """All four datasets downloaded from the mirror and prepared once for the session."""
+    """Every dataset the presets read, downloaded from the mirror and prepared once for the session."""
     root = tmp_path_factory.mktemp("real")
-    for name in ("toy", "ptb", "imdb", "mnist"):
+    for name in ("toy", "ptb", "imdb", "imdb_long", "mnist"):
         overrides = [f"paths.root={root}", f"data={name}", f"download.mirror={mirror_path()}"]
         cfg = compose_config(overrides, config_name="download")
         download.run(cfg)
