@@ -166,6 +166,7 @@ def test_a_report_from_the_same_runs_is_not_redone(store, make_cfg, tmp_path):
     assert "| toy-bigru " in readme.read_text()
 
 
+@pytest.mark.integration  # 12 constructed runs on 3 datasets and every figure: seconds the fast tier cannot spare
 def test_seeded_runs_get_aggregated_rows_headlines_anchors_and_a_cross_dataset_ranking(
     make_cfg, tmp_path, mlflow_store
 ):

@@ -135,6 +135,7 @@ def test_data_overrides_at_train_time_must_match_the_prepared_data(smoke, tmp_pa
     )
 
 
+@pytest.mark.integration  # sizing builds a dozen models before training
 def test_a_param_budget_sizes_the_units_and_the_run_records_them(smoke, tmp_path):
     result = smoke("model=gru", "model.param_budget=5000", "tracking.log_model=false")
     count = result["model"].count_params()
