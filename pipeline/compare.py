@@ -312,3 +312,108 @@ def cell_ranks(tables: dict[str, pd.DataFrame], objectives: dict[str, Objective]
         "friedman_p": float(friedman.pvalue),
         "nemenyi": nemenyi,
     }
+
+
+# --- tuning budget: expected best validation metric vs trials (Dodge et al. 2019) ------------------------------------
+
+BOOTSTRAP_RESAMPLES = 2000  # resamples of the trials for the band
+TUNING = (
+    "expected best validation metric of n random-search trials (Dodge et al. 2019, 'Show Your Work'), from each "
+    "cell's trials; band: 95% percentile bootstrap over the trials"
+)
+
+
+def completed(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs less pruned search trials (they stopped early: no test metric, not a result to compare)."""
+    if "tags.trial_state" not in runs:
+        return runs
+    return runs[runs["tags.trial_state"] != "PRUNED"].reset_index(drop=True)
+
+
+def _expected_best(sample: np.ndarray, axis: int = -1, higher: bool = True) -> np.ndarray:
+    """E[best of n draws] for n = 1..N of the N values along ``axis`` (with replacement, as the estimator assumes):
+    sum_i v_(i) [(i/N)^n - ((i-1)/N)^n] over the values sorted worst to best; shape (N, ...)."""
+    values = np.moveaxis(np.asarray(sample, dtype=float), axis, -1)
+    values = np.sort(values if higher else -values, axis=-1)
+    size = values.shape[-1]
+    i = np.arange(1, size + 1) / size
+    n = np.arange(1, size + 1)[:, None]
+    weights = i[None, :] ** n - (i[None, :] - 1 / size) ** n  # (n, i)
+    curve = np.moveaxis(values @ weights.T, -1, 0)
+    return curve if higher else -curve
+
+
+def expected_best(values: Any, higher: bool, seed: int = 0) -> pd.DataFrame:
+    """The expected-best curve of one cell's trials with its bootstrap band: columns n, expected, low, high."""
+    x = np.asarray(pd.Series(values).dropna(), dtype=float)
+    if len(x) == 0:
+        return pd.DataFrame(columns=["n", "expected", "low", "high"])
+    curve = _expected_best(x, higher=higher)
+    if len(x) > 1 and np.ptp(x) > 0:
+        band = stats.bootstrap(
+            (x,),
+            lambda s, axis: _expected_best(s, axis=axis, higher=higher),
+            vectorized=True,
+            n_resamples=BOOTSTRAP_RESAMPLES,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+        low, high = band.low, band.high
+    else:
+        low = high = curve
+    return pd.DataFrame({"n": np.arange(1, len(x) + 1), "expected": curve, "low": low, "high": high})
+
+
+def trials(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd.DataFrame:
+    """One row per search trial (runs tagged with a study): sweep, study, cell, trial number, state, best
+    validation metric (a pruned trial's best before it stopped)."""
+    if "tags.study" not in runs:
+        return pd.DataFrame()
+    found = runs[runs["tags.study"].notna()].reset_index(drop=True)
+    val = curves[curves["key"] == objective.val].groupby("run_id")["value"]
+    best = val.max() if objective.higher else val.min()
+    return pd.DataFrame(
+        {
+            "sweep": found.get("tags.sweep", pd.Series([""] * len(found))).fillna(""),
+            "study": found["tags.study"],
+            "cell": found.get("tags.cell"),
+            "trial": pd.to_numeric(found["tags.trial"], errors="coerce"),
+            "state": found.get("tags.trial_state", pd.Series([None] * len(found))).fillna("COMPLETE"),
+            "best_val": found["run_id"].map(best),
+            "run_id": found["run_id"],
+            **{c: found[c] for c in found.columns if c.startswith("params.") and c != "params.seed"},
+        }
+    ).drop_duplicates(["study", "trial"], keep="last")
+
+
+def tuning_curves(table: pd.DataFrame, objective: Objective) -> dict[str, pd.DataFrame]:
+    """Per study (one per cell in a tune_cells_* sweep): its expected-best curve and band."""
+    return {
+        study: expected_best(group["best_val"], objective.higher) for study, group in table.groupby("study", sort=True)
+    }
+
+
+def tuning_summary(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
+    """Per study: trials, pruned, best trial and its value, expected best at 1 and at all trials."""
+    rows = []
+    for study, group in table.groupby("study", sort=True):
+        curve = expected_best(group["best_val"], objective.higher)
+        ranked = group.dropna(subset=["best_val"]).sort_values("best_val", ascending=not objective.higher)
+        best = ranked.iloc[0] if len(ranked) else None
+        searched = [c for c in group.columns if c.startswith("params.") and group[c].astype(str).nunique() > 1]
+        chosen = "" if best is None else ", ".join(f"{c.split('.', 1)[1]}={best[c]}" for c in searched)
+        rows.append(
+            {
+                "study": study,
+                "cell": CELL_NAMES.get(group["cell"].iloc[0], group["cell"].iloc[0]),
+                "trials": len(group),
+                "pruned": int((group["state"] == "PRUNED").sum()),
+                "best_trial": None if best is None else int(best["trial"]),
+                "best_val": None if best is None else float(best["best_val"]),
+                "best_params": chosen,
+                "expected_at_1": float(curve["expected"].iloc[0]) if len(curve) else math.nan,
+                "expected_at_all": float(curve["expected"].iloc[-1]) if len(curve) else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -172,6 +172,21 @@ class AnchorConfig:
 
 
 @dataclass
+class SweepConfig:
+    resume: str = MISSING
+
+
+@dataclass
+class SearchConfig:
+    storage: str = MISSING
+    pruner: str = MISSING
+    warmup_epochs: int = MISSING
+    startup_trials: int = MISSING
+    study: str | None = MISSING
+    trial: int | None = MISSING
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = MISSING
     uri: str = MISSING
@@ -213,6 +228,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     seed: int = MISSING
     export: bool = MISSING
 
@@ -446,6 +463,9 @@ BOUNDS: dict[str, Bound] = {
     "bench.steps": COUNT,
     "bench.rounds": COUNT,
     "ui.port": Bound(1, 65535),
+    "search.warmup_epochs": Bound(0),
+    "search.startup_trials": Bound(0),
+    "search.trial": Bound(0, nullable=True, note=" (null = not a search trial)"),
 }
 DATA_BOUNDS: dict[str, dict[str, Bound]] = {
     "toy": {
@@ -483,6 +503,7 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "optimizer.name": ("optimizer", OPTIMIZERS),
     "trainer.precision": ("precision", PRECISIONS),
     "anchor.metric": ("anchor metric", ANCHOR_METRICS),
+    "search.pruner": ("pruner", ("median", "hyperband", "none")),
 }
 DATA_CHOICES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "imdb": {"data.truncate": ("truncation", TRUNCATE), "data.standardize": ("standardisation", STANDARDIZE)},
@@ -570,6 +591,9 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
         _check(d.max_value > d.max_len, "data.max_value", "must exceed data.max_len so that a linear run fits")
     for key in ("tracking.uri", "report.experiments"):
         _check(OmegaConf.select(cfg, key, default="set") != "", key, "must not be empty")
+    if "sweep" in cfg:
+        resume = str(cfg.sweep.resume).lower()
+        _check(resume in ("auto", "true", "false"), "sweep.resume", f"choose auto, true or false, got {resume!r}")
     if "bench" in cfg:
         _check(len(cfg.bench.cases) >= 1, "bench.cases", "name at least one case")
     if "trainer" in cfg:

@@ -151,7 +151,7 @@ OWNED = {
     "leaderboards": ("*.md", "*.csv"),
     "comparisons": ("*.md", "*.csv"),
     "curves": ("*.csv",),
-    "figures": ("*_curves.png", "*_size.png", "*_speed.png", "cells_critical_difference.png"),
+    "figures": ("*_curves.png", "*_size.png", "*_speed.png", "cells_critical_difference.png", "tuning_*.png"),
 }
 
 
@@ -216,6 +216,8 @@ def write_dataset(name: str, runs: pd.DataFrame, curves: pd.DataFrame, out: Path
 def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Path]]:
     """README.md's body: headlines, published numbers, the cross-dataset ranking, then each dataset's aggregated
     table, figures and runs. Returns the lines and the figures written for it."""
+    if not reports:
+        return [], []
     lines = ["", "## Headlines", ""]
     lines += [f"- {compare.headline(r.name, r.table, r.objective)}" for r in reports]
     lines += [
@@ -241,6 +243,55 @@ def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Pat
         lines += [f"![{p.stem}](figures/{p.name})" for p in r.files if p.suffix == ".png"]
         lines += ["", "### Runs", "", r.board.drop(columns=["run_id"]).to_markdown(index=False), ""]
     return lines, figures
+
+
+def write_tuning(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[list[str], list[Path]]:
+    """The searches (runs tagged with an Optuna study), per dataset and sweep: each cell's trials, pruned count and
+    best trial, and its expected best validation metric against the number of trials, with a bootstrap band."""
+    if runs.empty:
+        return [], []
+    lines, files = ["", "## Tuning budget: expected best vs trials", "", f"Curves: {compare.TUNING}.", ""], []
+    for (dataset, sweep), group in sorted(runs.groupby(["tags.dataset", "tags.sweep"], dropna=False)):
+        objective = compare.objective_of(compare.completed(group))
+        table = compare.trials(group, curves, objective)
+        summary = compare.tuning_summary(table, objective)
+        name = f"tuning_{dataset}_{sweep}"
+        files.append(out / "comparisons" / f"{name}.csv")
+        table.to_csv(files[-1], index=False)
+        files.append(
+            plot_tuning(
+                f"{dataset}, {sweep}",
+                compare.tuning_curves(table, objective),
+                summary,
+                objective,
+                out / "figures" / f"{name}.png",
+            )
+        )
+        lines += [
+            f"### {dataset}: {sweep}",
+            "",
+            summary.round(4).to_markdown(index=False),
+            "",
+            f"![{name}](figures/{name}.png)",
+            "",
+        ]
+    return lines, files
+
+
+def plot_tuning(title: str, curves: dict, summary: pd.DataFrame, objective: compare.Objective, path: Path) -> Path:
+    """Each study's expected best validation metric against the number of trials, shaded with its band."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cells = dict(zip(summary["study"], summary["cell"], strict=True))
+    for study, curve in curves.items():
+        line = ax.plot(curve["n"], curve["expected"], marker="o", ms=3, label=f"{cells.get(study, study)}")[0]
+        ax.fill_between(curve["n"], curve["low"], curve["high"], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("trials (hyper-parameter assignments)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"expected best {objective.val}")
+    ax.set_title(f"{title}: expected best of n trials (95% bootstrap band)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
 
 
 def render_cell_ranks(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Path]]:
@@ -344,12 +395,15 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
         )
     else:
         curves = tracking.metric_histories(cfg.tracking.uri, list(runs["run_id"]), CURVE_KEYS)
-        reports = [write_dataset(name, group, curves, out) for name, group in sorted(runs.groupby("tags.dataset"))]
+        searched = runs["tags.study"].notna() if "tags.study" in runs else pd.Series(False, index=runs.index)
+        grouped = sorted(runs[~searched].groupby("tags.dataset"))
+        reports = [write_dataset(name, group, curves, out) for name, group in grouped]
         boards = {r.name: r.board for r in reports}
         written = [path for r in reports for path in r.files]
         lines, figures = render(reports, out)
-        sections += lines
-        written += figures
+        tuning_lines, tuning_files = write_tuning(runs[searched], curves, out)
+        sections += lines + tuning_lines
+        written += figures + tuning_files
     remove_stale(out, written)
     (out / "README.md").write_text("\n".join(sections) + "\n")
     data.write_json(out / INDEX, index)

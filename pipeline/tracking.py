@@ -43,7 +43,7 @@ from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline import compare
+from pipeline import compare, sweep
 from pipeline.config import config_id, result_config  # noqa: E402
 from pipeline.redaction import redact, redact_file, redacted  # noqa: E402
 
@@ -510,6 +510,10 @@ def start_run(
             "MLflow run %s %s in %r at %s", tracker.run_id, verb, cfg.tracking.experiment, redact(cfg.tracking.uri)
         )
         yield tracker
+    except sweep.Pruned as err:  # the search stopped it: a finished trial, marked as pruned
+        tracker.set_tags({"trial_state": "PRUNED", "pruned_after_epoch": err.epoch + 1})
+        _end_run("FINISHED")
+        raise
     except BaseException as err:
         killed = isinstance(err, KeyboardInterrupt) or interrupts.requested
         if not killed:
@@ -579,8 +583,12 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
     for child in children:
         if stopped and child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, status="KILLED")
-    finished = sum(client.get_run(c.info.run_id).info.status == "FINISHED" for c in children)
-    jobs = max(jobs or 0, len(children))
+    # A job is a (config_id, seed): a resumed sweep may hold a KILLED attempt of it beside the run that finished it.
+    attempts = {}
+    for child in children:
+        attempts.setdefault(_job_key(child), set()).add(client.get_run(child.info.run_id).info.status)
+    finished = sum("FINISHED" in states for states in attempts.values())
+    jobs = max(jobs or 0, len(attempts))
     client.log_batch(
         parent_id,
         metrics=[
@@ -600,6 +608,11 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
     return status
 
 
+def _job_key(run) -> tuple[str, str]:
+    tags = run.data.tags
+    return (tags.get("config_id", run.info.run_id), tags.get("seed", ""))
+
+
 def _metric_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
 
@@ -615,6 +628,7 @@ def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
         output_format="pandas",
     )
+    runs = compare.completed(runs)
     if runs.empty:
         return None
     objective = compare.objective_of(runs)
@@ -653,7 +667,9 @@ NAME_CHARS = 250  # MLflow's limit on run names and tag keys' values in SQL stor
 
 
 def start_sweep(config: DictConfig) -> str:
-    """Create a sweep's parent run, named after the sweep (or its overrides), the overrides as params."""
+    """The sweep's parent run: with ``sweep.resume`` auto or true, the newest unfinished parent of the same sweep
+    (same overrides, see ``sweep.sweep_key``) reopened; else a new one named after the sweep (or its overrides),
+    the overrides as params."""
     overrides = sweep_overrides(config.hydra)
     # Children of a sweep over datasets would otherwise land in several experiments: keep them together.
     tracking_cfg = OmegaConf.to_container(config.tracking, resolve=True)
@@ -661,14 +677,55 @@ def start_sweep(config: DictConfig) -> str:
         tracking_cfg["experiment"] = "rnnlab-sweeps"
     client = connect(OmegaConf.create(tracking_cfg))
     experiment_id = setup_experiment(OmegaConf.create(tracking_cfg), client)
+    key = sweep.sweep_key(overrides)
+    mode = sweep.resume_mode(config.sweep.resume)
+    if mode != "false" and (parent := _unfinished_sweep(client, experiment_id, key)):
+        client.update_run(parent.info.run_id, status="RUNNING")
+        resumed = int(parent.data.tags.get("sweep_resumed", "0")) + 1
+        client.set_tag(parent.info.run_id, "sweep_resumed", resumed)
+        info = parent.info
+        log.info("sweep %r: resuming its %s parent run %s", info.run_name, info.status, info.run_id)
+        return parent.info.run_id
+    if mode == "true":
+        raise TrackingError(
+            "sweep.resume=true: no unfinished sweep with these overrides in this experiment (FINISHED sweeps are "
+            "complete). Drop sweep.resume to start a new one."
+        )
     shown = " ".join(f"{k}={v}" for k, v in overrides.items() if not k.startswith(("paths.", "hydra")))
     name = redact(config.tracking.sweep_name or f"sweep {shown}")[:NAME_CHARS]
-    run = client.create_run(experiment_id, run_name=name, tags={"sweep": name, "sweep_role": "parent"})
+    tags = {"sweep": name, "sweep_role": "parent", "sweep_key": key}
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
     params = [mlflow.entities.Param(k, v[:6000]) for k, v in overrides.items()]
     for chunk in _chunks(params, 100):
         client.log_batch(run.info.run_id, params=chunk)
     log.info("sweep %r: MLflow parent run %s", name, run.info.run_id)
     return run.info.run_id
+
+
+def _unfinished_sweep(client: MlflowClient, experiment_id: str, key: str):
+    """The newest parent run of the sweep ``key`` that did not finish (KILLED, FAILED, or RUNNING left by a crash)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.sweep_key = '{key}' and tags.sweep_role = 'parent' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def sweep_child(cfg: DictConfig, parent: str, config_key: str, seed: int):
+    """This job's earlier run in the sweep ``parent`` (same ``config_id`` and seed): a FINISHED one if there is
+    one, else the newest; None when the sweep has not run this job before."""
+    client = connect(cfg.tracking)
+    experiment_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.config_id = '{config_key}' "
+        f"and tags.seed = '{seed}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or runs or [None])[0]
 
 
 class SweepFailed(SystemExit):
@@ -747,6 +804,12 @@ def finished_runs(tracking_uri: str, experiment_pattern: str) -> pd.DataFrame:
     if "tags.sweep_role" in runs:
         runs = runs[runs["tags.sweep_role"] != "parent"]
     return runs.reset_index(drop=True)
+
+
+def metric_values(cfg: DictConfig, run_id: str, key: str) -> list[float]:
+    """The values one metric of a run took, step by step."""
+    history = connect(cfg.tracking).get_metric_history(run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 def metric_histories(tracking_uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:

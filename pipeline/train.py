@@ -137,11 +137,45 @@ def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracki
     return run_id, lock
 
 
+def earlier_attempt(cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None]:
+    """A sweep job that ran before in this sweep (same config_id and seed, e.g. a resumed sweep): its result when
+    that run FINISHED (the job is skipped), else the run to resume when its checkpoint survived; (None, None) when
+    the job starts afresh."""
+    parent = tracking.sweep_parent()
+    if not parent or not cfg.tracking.enabled or cfg.trainer.resume_run_id or cfg.trainer.resume:
+        return None, None
+    meta = data.load_meta(cfg.paths.data, cfg.data.name)
+    precision = models.resolve_precision(cfg.trainer.precision, meta["kind"])
+    job = config.config_id(cfg, data.digest(cfg.paths.data, cfg.data.name), precision)
+    earlier = tracking.sweep_child(cfg, parent, job, cfg.seed)
+    if earlier is None:
+        return None, None
+    run_id = earlier.info.run_id
+    if earlier.info.status == "FINISHED":
+        log.info("skipped: this sweep FINISHED this job (config_id %s, seed %s) as run %s", job, cfg.seed, run_id)
+        metrics = dict(earlier.data.metrics)
+        key = sweep.objective_key(metrics)
+        best = sweep.best_objective([{key: v} for v in tracking.metric_values(cfg, run_id, key)])
+        pruned = earlier.data.tags.get("trial_state") == "PRUNED"
+        return {"metrics": metrics, "run_id": run_id, "skipped": True, "pruned": pruned, "best": best}, None
+    if Checkpoint(Path(cfg.paths.checkpoints) / run_id).exists():
+        log.info("resuming this job's %s run %s from its checkpoint", earlier.info.status, run_id)
+        return None, run_id
+    log.info("this job's %s run %s left no checkpoint: training it afresh in a new run", earlier.info.status, run_id)
+    return None, None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate on the test split, track everything; return the final metrics and the run id."""
     config.validate(cfg)
     size_to_budget(cfg)
     fingerprint = config.fingerprint(cfg)
+    done, earlier = earlier_attempt(cfg)
+    if done:
+        return done
+    if earlier:
+        with open_dict(cfg):
+            cfg.trainer.resume_run_id = earlier
     resume_run_id, lock = resume_target(cfg, fingerprint)  # first: a refused resume costs nothing
     interrupts = tracking.Interrupts()
     history: list[dict[str, float]] = []
@@ -153,6 +187,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             config.check_prepared(cfg.data, dataset.meta["config"])
         task = tasks.make(cfg, dataset)
         tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
+        trial = None if cfg.search.trial is None else sweep.TrialLink(cfg.search, cfg.tracking.uri, cfg.trainer.epochs)
+        if trial:
+            tags.update(study=cfg.search.study, trial=trial.number)
         with sigterm_as_interrupt(interrupts), tracking.start_run(cfg, tags, resume_run_id, interrupts) as tracker:
             run_id = tracker.run_id
             if not resume_run_id:
@@ -161,8 +198,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 lock = tracking.RunLock(cfg.paths.checkpoints, run_id).acquire()
             checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (run_id or f"untracked-{fingerprint}"))
             history = task.restore(checkpoint, tracker) if resume_run_id else []
-            train_epochs(cfg, task, tracker, checkpoint, history)
+            train_epochs(cfg, task, tracker, checkpoint, history, trial)
             final, exported, model_uri = finish(cfg, task, tracker, history)
+            if trial:
+                tracker.set_tags({"trial_state": "COMPLETE"})
+    except sweep.Pruned as err:
+        log.info("trial %s of %r: %s", cfg.search.trial, cfg.search.study, err)
+        shutil.rmtree(checkpoint.folder, ignore_errors=True)
+        return {"metrics": history[-1], "history": history, "run_id": run_id, "pruned": True}
     except KeyboardInterrupt as err:
         raise Interrupted(run_id, len(history), interrupts.signal) from err
     except CheckpointError as err:
@@ -175,9 +218,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_epochs(
-    cfg: DictConfig, task: tasks.Task, tracker: tracking.Tracker, checkpoint: Checkpoint, history: list[dict]
+    cfg: DictConfig,
+    task: tasks.Task,
+    tracker: tracking.Tracker,
+    checkpoint: Checkpoint,
+    history: list[dict],
+    trial: sweep.TrialLink | None = None,
 ) -> None:
-    """The epoch loop, from the first epoch not in ``history``: train, validate, checkpoint, log, early stop."""
+    """The epoch loop, from the first epoch not in ``history``: train, validate, checkpoint, log, report to a search
+    trial (which may prune it), early stop."""
     best = min((h["val/loss"] for h in history), default=math.inf)
     waited = 0
     epochs = cfg.trainer.epochs
@@ -201,6 +250,8 @@ def train_epochs(
                 f"trainer.resume_run_id={tracker.run_id}"
             ) from err
         log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
+        if trial:
+            trial.report(epoch, metrics)
         best, waited = (metrics["val/loss"], 0) if metrics["val/loss"] < best else (best, waited + 1)
         if cfg.trainer.early_stopping_patience and waited >= cfg.trainer.early_stopping_patience:
             log.info("early stop: val/loss has not improved for %d epochs", waited)
@@ -259,7 +310,7 @@ def interrupted_message(err: Interrupted) -> str:
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | str:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     parallel_job_threads(cfg)
     try:
@@ -279,8 +330,16 @@ def main(cfg: DictConfig) -> float:
             log.exception("job failed")
             return float("nan")
         raise
-    objective = "val/perplexity" if "val/perplexity" in result["metrics"] else "val/accuracy"
-    return result["metrics"].get(objective, float("nan"))  # the objective for sweepers
+    return objective(result)
+
+
+def objective(result: dict[str, Any]) -> float | str:
+    """What a sweeper optimises: the best epoch's validation metric (``PRUNED`` for a pruned trial)."""
+    if result.get("pruned"):
+        return sweep.PRUNED
+    if "best" in result:  # a skipped job: its finished run's best epoch
+        return result["best"]
+    return sweep.best_objective(result["history"])
 
 
 def cli() -> None:

@@ -41,7 +41,24 @@ SWEEPS = {  # name -> (dataset, epochs, sweeper, its params)
             "model.dropout": "interval(0.0, 0.5)",
         },
     ),
+    "tune_cells_mnist": (
+        "mnist",
+        3,
+        "OptunaSweeper",
+        {
+            "model": "rnn,lstm,gru,bilstm",
+            "optimizer.learning_rate": "tag(log, interval(0.0003, 0.01))",
+            "model.dropout": "interval(0.0, 0.5)",
+        },
+    ),
+    "tune_cells_toy": (
+        "toy",
+        10,
+        "OptunaSweeper",
+        {"model": "rnn,lstm,gru", "optimizer.learning_rate": "tag(log, interval(0.001, 0.03))"},
+    ),
 }
+SEARCHES = {"optuna_imdb": (12, "tpe"), "tune_cells_mnist": (8, "random"), "tune_cells_toy": (6, "random")}
 
 
 def test_every_sweep_preset_has_a_compose_test():
@@ -64,12 +81,10 @@ def test_a_sweep_preset_composes_to_a_multirun_of_its_jobs(name):
     assert (cfg.data.name, cfg.trainer.epochs, cfg.tracking.sweep_name) == (dataset, epochs, name)
     assert cfg.hydra.callbacks.mlflow_sweep._target_ == "pipeline.tracking.SweepCallback"  # one parent run
     if sweeper == "OptunaSweeper":  # train.main returns val/accuracy for a classifier: to be maximised
-        assert (cfg.hydra.sweeper.direction, cfg.hydra.sweeper.n_trials, cfg.hydra.sweeper.sampler.seed) == (
-            "maximize",
-            12,
-            123,
-        )
-        assert all(OmegaConf.select(cfg, key) is not None for key in params)  # it searches keys that exist
+        s = cfg.hydra.sweeper
+        assert (s.direction, s.n_trials, s.sampler.kind, s.sampler.seed) == ("maximize", *SEARCHES[name], 123)
+        assert all(OmegaConf.select(cfg, key) is not None for key in params if key != "model")  # keys that exist
+        assert cfg.search.pruner == "median" and cfg.search.storage == "auto"  # persistent, pruned
         return
     for job in grid_jobs(params):  # every job's config is valid and keeps the preset's dataset
         composed = config.validate(compose_config([f"sweep={name}", job]))
@@ -254,3 +269,63 @@ def test_sigterm_to_a_sweep_kills_its_parent_run_and_every_worker(make_cfg, tmp_
         c.info.status for c in children
     ]
     assert "Traceback" not in output, output[-3000:]
+
+
+# --- Resuming an interrupted sweep -----------------------------------------------------------------------------
+def finished_children(tmp_path) -> dict[tuple[str, str], dict[str, float]]:
+    """The FINISHED children of the one sweep parent, by (cell, seed), with their metrics."""
+    _, (parent,), children = sweep_runs(tmp_path)
+    done = [c for c in children if c.info.status == "FINISHED"]
+    keys = [(c.data.tags["config_id"], c.data.tags["seed"]) for c in done]
+    assert len(keys) == len(set(keys)), f"a job FINISHED twice: {keys}"
+    return {(c.data.tags["cell"], c.data.tags["seed"]): c.data.metrics for c in done}
+
+
+def sigterm_after_finished(proc, tmp_path, count: int) -> str:
+    """SIGTERM the sweep once ``count`` of its children have FINISHED and another has checkpointed an epoch."""
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        if db.exists():
+            try:
+                if len(finished_children(tmp_path)) >= count and list(tmp_path.glob("checkpoints/*/state.json")):
+                    break
+            except (ValueError, AttributeError, TypeError):  # the parent or the experiment does not exist yet
+                pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    return output
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+def test_an_interrupted_sweep_rerun_finishes_under_its_parent_with_an_uninterrupted_sweeps_results(
+    make_cfg, tmp_path, launcher
+):
+    """2 cells x 2 seeds, SIGTERM'd after its second job finished, then the same command again: one parent, four
+    FINISHED children (one per job), the same metrics as the same sweep run without a stop."""
+    prepare.run(make_cfg(*SMALL))
+    args = ["model=rnn,gru", "seeds=2", "trainer.epochs=6", "tracking.sweep_name=resumable"]
+    args += ["hydra/launcher=parallel"] if launcher == "parallel" else []
+    sigterm_after_finished(launch(tmp_path, *args, wait=False), tmp_path, 2)
+    _, (parent,), _ = sweep_runs(tmp_path)
+    assert parent.info.status == "KILLED"
+    output = multirun(tmp_path, *args)
+    assert "resuming this job's KILLED run" in output  # from the checkpoint it had
+    assert "resuming its KILLED parent run" in output and output.count("skipped: this sweep FINISHED") >= 2
+    client, (again,), children = sweep_runs(tmp_path)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert (metrics["sweep/jobs"], metrics["sweep/finished"]) == (4, 4)
+    resumed = finished_children(tmp_path)
+    assert sorted(resumed) == [(c, s) for c in ("gru", "rnn") for s in ("1", "2")]
+
+    fresh = tmp_path / "uninterrupted"
+    prepare.run(make_cfg(*SMALL, f"paths.root={fresh}"))
+    multirun(fresh, *args)
+    for job, values in finished_children(fresh).items():
+        for key in ("test/accuracy", "test/loss", "val/loss"):
+            assert resumed[job][key] == pytest.approx(values[key], rel=1e-5), (job, key)

@@ -111,7 +111,6 @@ def load_meta(data_root: str | Path, name: str) -> dict[str, Any]:
 def load(data_root: str | Path, name: str) -> Dataset:
     """Load a prepared dataset, or say which command prepares it."""
     folder = prepared_dir(data_root, name)
-    meta_path = folder / "meta.json"
     meta = load_meta(data_root, name)
     files = sorted(folder.glob("*.npz"))
     splits = {}
@@ -126,5 +125,11 @@ def load(data_root: str | Path, name: str) -> Dataset:
         raise DataError(f"{folder} lacks split(s) {sorted(missing)}; re-run `python -m pipeline.prepare data={name}`.")
     vocab_path = folder / "vocab.txt"
     vocab = vocab_path.read_text().splitlines() if vocab_path.exists() else None
-    digest_inputs = [*files, meta_path, *([vocab_path] if vocab is not None else [])]
-    return Dataset(splits=splits, meta=meta, vocab=vocab, digest=digest_files(digest_inputs))
+    return Dataset(splits=splits, meta=meta, vocab=vocab, digest=digest(data_root, name))
+
+
+def digest(data_root: str | Path, name: str) -> str:
+    """A prepared dataset's version: the digest of its split files, meta.json and vocabulary (without loading it)."""
+    folder = prepared_dir(data_root, name)
+    vocab = [folder / "vocab.txt"] if (folder / "vocab.txt").exists() else []
+    return digest_files([*sorted(folder.glob("*.npz")), folder / "meta.json", *vocab])
