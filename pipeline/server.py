@@ -39,6 +39,7 @@ from pipeline.config import ROOT
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+SEARCH_DATABASE = "optuna"  # Optuna's studies (searches tracked on the server), beside MLflow's database
 DEFAULT_DIR = ROOT / ".team-server"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback health checks skip proxies
 
@@ -176,6 +177,11 @@ class TeamServer:
     def backend_uri(self) -> str:
         return f"postgresql+psycopg2://{self.user}@{LOOPBACK}:{self.pg_port}/{self.database}"
 
+    @property
+    def search_storage(self) -> str:
+        """Optuna's storage for searches tracked on this server: a database of its own in the same cluster."""
+        return f"postgresql+psycopg2://{self.user}@{LOOPBACK}:{self.pg_port}/{SEARCH_DATABASE}"
+
     @cached_property
     def pgdata(self) -> Path:
         """The database cluster: in the state folder, unless PostgreSQL's system user cannot reach it (running as
@@ -298,8 +304,9 @@ class TeamServer:
         logfile = str(self.pgdata / "postgres.log")
         self._run([pg_bin("pg_ctl"), "-D", str(self.pgdata), "-o", options, "-l", logfile, "-w", "start"])
         psql = [pg_bin("psql"), "-h", LOOPBACK, "-p", str(self.pg_port), "-U", self.user, "-d", "postgres", "-tAc"]
-        if not self._run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"]).strip():
-            self._run([pg_bin("createdb"), "-h", LOOPBACK, "-p", str(self.pg_port), "-U", self.user, self.database])
+        for database in (self.database, SEARCH_DATABASE):
+            if not self._run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"]).strip():
+                self._run([pg_bin("createdb"), "-h", LOOPBACK, "-p", str(self.pg_port), "-U", self.user, database])
 
     def start_mlflow(self, timeout: float = 90.0) -> None:
         """Start the MLflow server and wait until it, not another program on its port, answers /health."""

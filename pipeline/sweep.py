@@ -332,3 +332,40 @@ def log_best(study) -> None:
         log.info("study %r: no finished trial yet", study.study_name)
         return
     log.info("study %r: best trial %d, value %.4f, %s", study.study_name, best.number, best.value, best.params)
+
+
+# --- a sweep on a cluster ------------------------------------------------------------------------------------------
+
+SWEEP_DIR_ENV = "RNNLAB_SWEEP_DIR"  # the sweep's output folder, where the SLURM launcher keeps its jobs' files
+CANCEL_WAIT = 90.0  # seconds to wait for cancelled cluster jobs to end (SLURM's KillWait is 30 s by default)
+
+
+def cluster_jobs(sweep_dir: str | Path) -> list[str]:
+    """The SLURM job ids the submitit launcher submitted for this sweep (``.submitit/<job id>[_<task>]/``)."""
+    folder = Path(sweep_dir) / ".submitit"
+    if not folder.is_dir():
+        return []
+    return sorted({p.name.split("_")[0] for p in folder.iterdir() if p.is_dir() and p.name[:1].isdigit()})
+
+
+def cancel_cluster_jobs(sweep_dir: str | None = None) -> None:
+    """An interrupted sweep cancels the cluster jobs it submitted, and waits for them to end, so a rerun finds
+    their runs KILLED with checkpoints (not still training) and nothing trains on unseen."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    sweep_dir = sweep_dir or os.environ.get(SWEEP_DIR_ENV)
+    jobs = cluster_jobs(sweep_dir) if sweep_dir else []
+    if not jobs or not shutil.which("scancel"):
+        return
+    log.info("cancelling the sweep's SLURM jobs %s", ", ".join(jobs))
+    subprocess.run(["scancel", *jobs], check=False)
+    deadline = time.monotonic() + CANCEL_WAIT
+    while time.monotonic() < deadline:
+        listed = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True, check=False)
+        if listed.returncode != 0 or not listed.stdout.strip():
+            return
+        time.sleep(1)
+    log.warning("SLURM jobs %s are still listed %.0f s after scancel", ", ".join(jobs), CANCEL_WAIT)

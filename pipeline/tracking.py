@@ -750,6 +750,7 @@ class SweepCallback(Callback):
             raise SweepFailed(1) from err
         os.environ[SWEEP_ENV] = self.parent  # inherited by the jobs, in this process or the launcher's workers
         os.environ[SWEEP_STORE_ENV] = config.tracking.uri
+        os.environ[sweep.SWEEP_DIR_ENV] = str(config.hydra.sweep.dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Hydra has just saved this job's configs and the sweep's: mask any credential in them."""
@@ -768,6 +769,7 @@ class SweepCallback(Callback):
         status = finish_sweep(self.parent, jobs)
         os.environ.pop(SWEEP_ENV, None)
         os.environ.pop(SWEEP_STORE_ENV, None)
+        os.environ.pop(sweep.SWEEP_DIR_ENV, None)
         if status != "FINISHED":
             log.error(
                 "sweep FAILED: not every job finished (parent run %s); see the FAILED runs' error tag", self.parent

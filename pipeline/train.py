@@ -356,6 +356,7 @@ def cli() -> None:
         try:
             main()
         except KeyboardInterrupt as err:
+            sweep.cancel_cluster_jobs()
             tracking.abandon_sweep(interrupted=True)
             signum = getattr(err, "signum", None) or interrupts.signal or signal.SIGINT
             sys.exit(128 + signum)

@@ -199,3 +199,31 @@ def test_seeded_runs_get_aggregated_rows_headlines_anchors_and_a_cross_dataset_r
         "| GRU       |      100 |       3 | 0.9560 ± 0.0030 | [0.9485, 0.9635] |"
         in (reports / "comparisons" / "mnist.md").read_text()
     )
+
+
+def test_search_trials_get_their_own_section_with_expected_best_curves_and_pruned_counts(store, make_cfg, tmp_path):
+    """Trials of a search (tagged with a study) are not seeds of a comparison: they get the tuning section, with
+    each cell's trials, pruned count, best trial, and the expected best of n trials."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    toy = client.get_experiment_by_name("rnnlab-toy").experiment_id
+    trials = {"gru": [[0.6, 0.9], [0.7, 0.8], [0.5, 0.55]], "rnn": [[0.5, 0.6], [0.55, 0.7], [0.5, 0.52]]}
+    for cell, curves in trials.items():
+        for number, val in enumerate(curves):
+            pruned = number == 2  # the third trial of each cell was stopped by the pruner
+            tags = {"study": f"s model={cell}", "trial": str(number), "sweep": "tune", "trial_state": "PRUNED"}
+            if not pruned:
+                tags["trial_state"] = "COMPLETE"
+            add_run(client, toy, f"t-{cell}-{number}", cell, 100, val, 0.5, extra_tags=tags)
+    boards = report.run(make_cfg(top="report"))
+    assert list(boards["toy"]["run"]) == ["toy-lstm", "toy-gru", "toy-rnn"]  # trials stay out of the comparison
+    table = pd.read_csv(tmp_path / "reports" / "comparisons" / "tuning_toy_tune.csv")
+    assert len(table) == 6 and (table["state"] == "PRUNED").sum() == 2
+    readme = (tmp_path / "reports" / "README.md").read_text()
+    section = readme.split("## Tuning budget")[1]
+    gru = next(line for line in section.splitlines() if line.startswith("| s model=gru"))
+    cells = [c.strip() for c in gru.strip("|").split("|")]
+    # trials 3, pruned 1, best trial 0 (0.9); expected best of 1 = mean(0.9, 0.8, 0.55), of 3 = the formula
+    assert cells[1:6] == ["GRU", "3", "1", "0", "0.9"]
+    assert float(cells[7]) == pytest.approx(0.75, abs=1e-4)
+    assert float(cells[8]) == pytest.approx(0.55 / 27 + 0.8 * 7 / 27 + 0.9 * 19 / 27, abs=1e-4)
+    assert (tmp_path / "reports" / "figures" / "tuning_toy_tune.png").stat().st_size > 5000

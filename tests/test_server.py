@@ -163,3 +163,18 @@ def test_a_password_in_the_uri_is_never_written_anywhere(team, make_cfg, tmp_pat
     assert not leaking, leaking
     (run,) = [r for r in runs if r.info.run_name == "secret-check"]
     assert "tracking.uri" not in run.data.params  # where a run was tracked does not determine its result
+
+
+def test_the_team_server_holds_the_searches_studies_in_a_database_of_its_own(team):
+    """tracking=server keeps Optuna's studies in the team's PostgreSQL (database optuna): a study written there
+    through one storage object is read back through another, as the sweeper and its trial jobs do."""
+    import optuna
+
+    from pipeline import sweep
+
+    url = team.search_storage
+    assert url.endswith(f":{team.pg_port}/optuna")
+    study = optuna.create_study(study_name="shared", storage=sweep.open_storage(url), direction="maximize")
+    study.tell(study.ask(), 0.9)
+    again = optuna.load_study(study_name="shared", storage=sweep.open_storage(url))
+    assert [t.value for t in again.trials] == [0.9]

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline import config, prepare
-from tests.conftest import CONF, REPO, compose_config
+from tests.conftest import CONF, REPO, compose_config, in_ci
 
 SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "tracking.log_model=false")
 
@@ -282,14 +282,17 @@ def finished_children(tmp_path) -> dict[tuple[str, str], dict[str, float]]:
 
 
 def sigterm_after_finished(proc, tmp_path, count: int) -> str:
-    """SIGTERM the sweep once ``count`` of its children have FINISHED and another has checkpointed an epoch."""
+    """SIGTERM the sweep once ``count`` of its children have FINISHED and another has checkpointed an epoch (the
+    store exists before the sweep starts: a second process creating its tables at the same time breaks it)."""
     db = tmp_path / "mlflow.db"
     deadline = time.time() + 300
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         if db.exists():
             try:
-                if len(finished_children(tmp_path)) >= count and list(tmp_path.glob("checkpoints/*/state.json")):
+                _, _, children = sweep_runs(tmp_path)
+                finished = sum(c.info.status == "FINISHED" for c in children)
+                if finished >= count and list(tmp_path.glob("checkpoints/*/state.json")):
                     break
             except (ValueError, AttributeError, TypeError):  # the parent or the experiment does not exist yet
                 pass
@@ -303,12 +306,12 @@ def sigterm_after_finished(proc, tmp_path, count: int) -> str:
 @pytest.mark.integration
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_an_interrupted_sweep_rerun_finishes_under_its_parent_with_an_uninterrupted_sweeps_results(
-    make_cfg, tmp_path, launcher
+    make_cfg, mlflow_store, tmp_path, launcher
 ):
     """2 cells x 2 seeds, SIGTERM'd after its second job finished, then the same command again: one parent, four
     FINISHED children (one per job), the same metrics as the same sweep run without a stop."""
     prepare.run(make_cfg(*SMALL))
-    args = ["model=rnn,gru", "seeds=2", "trainer.epochs=6", "tracking.sweep_name=resumable"]
+    args = ["model=rnn,gru", "seeds=2", "trainer.epochs=30", "tracking.sweep_name=resumable"]
     args += ["hydra/launcher=parallel"] if launcher == "parallel" else []
     sigterm_after_finished(launch(tmp_path, *args, wait=False), tmp_path, 2)
     _, (parent,), _ = sweep_runs(tmp_path)
@@ -329,3 +332,95 @@ def test_an_interrupted_sweep_rerun_finishes_under_its_parent_with_an_uninterrup
     for job, values in finished_children(fresh).items():
         for key in ("test/accuracy", "test/loss", "val/loss"):
             assert resumed[job][key] == pytest.approx(values[key], rel=1e-5), (job, key)
+
+
+# --- A real cluster: single-node SLURM (scripts/slurm-local.sh) -------------------------------------------------
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",  # the script's one partition
+    "hydra.launcher.cpus_per_task=1",  # the node has the machine's cores: two jobs at once on two
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=10",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A single-node SLURM cluster on this machine (installed and started by scripts/slurm-local.sh); skipped with
+    the script's reason where it cannot start, except in CI."""
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "slurm-local.sh"), "start"], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"slurm-local.sh start exited {done.returncode}"])[-1]
+        if in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.mark.integration
+def test_a_seeded_sweep_on_slurm_interrupted_and_resumed_matches_the_local_launcher(
+    slurm, make_cfg, mlflow_store, tmp_path
+):
+    """2 cells x 2 seeds through SLURM, SIGTERM'd after two jobs (its SLURM jobs are cancelled), the same command
+    again: one parent, four FINISHED children, the metrics of the same sweep run locally."""
+    prepare.run(make_cfg(*SMALL))
+    args = ["model=rnn,gru", "seeds=2", "trainer.epochs=30", "tracking.sweep_name=on_slurm"]
+    output = sigterm_after_finished(launch(tmp_path, *args, *SLURM, wait=False), tmp_path, 2)
+    assert "cancelling the sweep's SLURM jobs" in output
+    assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()  # none left
+    multirun(tmp_path, *args, *SLURM)
+    client, (parent,), children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert client.get_run(parent.info.run_id).data.metrics["sweep/finished"] == 4
+    on_slurm = finished_children(tmp_path)
+    assert sorted(on_slurm) == [(c, s) for c in ("gru", "rnn") for s in ("1", "2")]
+
+    local = tmp_path / "local"
+    prepare.run(make_cfg(*SMALL, f"paths.root={local}"))
+    multirun(local, *args)
+    for job, values in finished_children(local).items():
+        for key in ("test/accuracy", "test/loss", "val/loss"):
+            assert on_slurm[job][key] == pytest.approx(values[key], rel=1e-5), (job, key)
+
+
+# --- A search that outlives its process -------------------------------------------------------------------------
+@pytest.mark.integration
+def test_an_interrupted_search_continues_the_same_study_at_its_next_trial(make_cfg, mlflow_store, tmp_path):
+    """A search of 4 trials, two at a time (parallel launcher), SIGTERM'd once two trials finished: the same
+    command continues the study in the journal beside the MLflow store: the two interrupted trials run again under
+    their own numbers and params (their runs resume), nothing is repeated, one parent holds four trials."""
+    import optuna
+
+    prepare.run(make_cfg(*SMALL))
+    args = [
+        "sweep=tune_cells_toy",
+        "hydra.sweeper.params.model=gru",
+        "hydra.sweeper.n_trials=4",
+        "trainer.epochs=30",
+        "hydra/launcher=parallel",
+    ]
+    sigterm_after_finished(launch(tmp_path, *args, wait=False), tmp_path, 2)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "mlflow-optuna.journal"))
+    )
+    (summary,) = optuna.get_all_study_summaries(storage)
+    before = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    states = sorted((t.number, t.state.name) for t in before)
+    assert states == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "RUNNING"), (3, "RUNNING")]
+
+    output = multirun(tmp_path, *args)
+    assert "2 of 4 trials done, 2 to run again" in output
+    after = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert [t.number for t in after] == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in after)
+    assert [t.params for t in after[2:]] == [t.params for t in before[2:]]  # the same trials, not new draws
+    client, (parent,), children = sweep_runs(tmp_path)
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert parent.info.status == "FINISHED" and sorted(int(c.data.tags["trial"]) for c in done) == [0, 1, 2, 3]
+    assert {c.data.tags["study"] for c in done} == {summary.study_name}
+    for trial in after:  # each trial's value is its run's best validation accuracy
+        (run,) = [c for c in done if c.data.tags["trial"] == str(trial.number)]
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert trial.value == pytest.approx(max(m.value for m in history))
+    first, second = sorted(done, key=lambda c: int(c.data.tags["trial"]))[:2]
+    assert first.info.start_time < second.info.end_time and second.info.start_time < first.info.end_time  # 2 at once
