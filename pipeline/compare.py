@@ -114,11 +114,11 @@ def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> p
 def varying_params(runs: pd.DataFrame) -> list[str]:
     """The params that differ between configurations (the seed and the cell's own columns aside)."""
     configs = runs.drop_duplicates("config_id")
-    return [
+    return sorted(  # sorted: a configuration's label is the same whatever order the store returned the columns in
         c
         for c in runs.columns
         if c.startswith("params.") and c not in NOT_VARYING and configs[c].astype(str).nunique() > 1
-    ]
+    )
 
 
 def label(row: pd.Series, varying: list[str]) -> str:
@@ -394,6 +394,14 @@ def tuning_curves(table: pd.DataFrame, objective: Objective) -> dict[str, pd.Dat
     }
 
 
+def _short(value: Any) -> str:
+    """A param as logged (text), numbers to 4 significant digits."""
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def tuning_summary(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     """Per study: trials, pruned, best trial and its value, expected best at 1 and at all trials."""
     rows = []
@@ -402,7 +410,7 @@ def tuning_summary(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
         ranked = group.dropna(subset=["best_val"]).sort_values("best_val", ascending=not objective.higher)
         best = ranked.iloc[0] if len(ranked) else None
         searched = [c for c in group.columns if c.startswith("params.") and group[c].astype(str).nunique() > 1]
-        chosen = "" if best is None else ", ".join(f"{c.split('.', 1)[1]}={best[c]}" for c in searched)
+        chosen = "" if best is None else ", ".join(f"{c.split('.', 1)[1]}={_short(best[c])}" for c in searched)
         rows.append(
             {
                 "study": study,

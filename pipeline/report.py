@@ -279,18 +279,28 @@ def write_tuning(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[l
 
 
 def plot_tuning(title: str, curves: dict, summary: pd.DataFrame, objective: compare.Objective, path: Path) -> Path:
-    """Each study's expected best validation metric against the number of trials, shaded with its band."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Each study's expected best validation metric against the number of trials, shaded with its band; with three
+    or more cells a second panel zooms in on all but the worst (close curves would hide under one line)."""
+    zoom = len(curves) >= 3
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
     cells = dict(zip(summary["study"], summary["cell"], strict=True))
-    for study, curve in curves.items():
-        line = ax.plot(curve["n"], curve["expected"], marker="o", ms=3, label=f"{cells.get(study, study)}")[0]
-        ax.fill_between(curve["n"], curve["low"], curve["high"], color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("trials (hyper-parameter assignments)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"expected best {objective.val}")
-    ax.set_title(f"{title}: expected best of n trials (95% bootstrap band)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    final = {study: curve["expected"].iloc[-1] for study, curve in curves.items()}
+    worst = (min if objective.higher else max)(final, key=final.get)
+    for ax, shown_curves in zip(axes[0], [curves, {k: v for k, v in curves.items() if k != worst}], strict=False):
+        for study, curve in curves.items():
+            if study not in shown_curves:
+                ax.plot([], [])  # keep each cell's colour the same in both panels
+                continue
+            line = ax.plot(curve["n"], curve["expected"], marker="o", ms=3, label=f"{cells.get(study, study)}")[0]
+            ax.fill_between(curve["n"], curve["low"], curve["high"], color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("trials (hyper-parameter assignments)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"expected best {objective.val}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title(f"{title}: expected best of n trials (95% bootstrap band)", fontsize=10)
+    if zoom:
+        axes[0][1].set_title(f"without {cells.get(worst, worst)}", fontsize=10)
     return save(fig, path)
 
 

@@ -628,7 +628,9 @@ def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
         output_format="pandas",
     )
-    runs = compare.completed(runs)
+    if "tags.study" in runs and runs["tags.study"].notna().any():
+        log_tuning(client, parent_id, runs)
+        return None
     if runs.empty:
         return None
     objective = compare.objective_of(runs)
@@ -650,6 +652,26 @@ def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
         client.log_batch(parent_id, metrics=chunk)
     client.set_tag(parent_id, "headline", redact(headline)[:ERROR_TAG_CHARS])
     return table
+
+
+def log_tuning(client: MlflowClient, parent_id: str, runs: pd.DataFrame) -> None:
+    """A search's parent: per study (cell) its trials, pruned trials, best trial and expected best of 1 and of all
+    trials (``comparison/tuning.{csv,md}``, metrics ``<cell>/expected_best_at_<n>``), not a table of its trials."""
+    objective = compare.objective_of(compare.completed(runs))
+    curves = metric_histories(client.tracking_uri, list(runs["run_id"]), [objective.val])
+    summary = compare.tuning_summary(compare.trials(runs, curves, objective), objective)
+    client.log_text(parent_id, summary.to_csv(index=False), "comparison/tuning.csv")
+    client.log_text(
+        parent_id, f"{compare.TUNING}.\n\n{summary.round(4).to_markdown(index=False)}\n", "comparison/tuning.md"
+    )
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(_metric_key(f"{row['cell']}/expected_best_at_{n}"), float(row[column]), now, 0)
+        for _, row in summary.iterrows()
+        for n, column in ((1, "expected_at_1"), (int(row["trials"]), "expected_at_all"))
+        if pd.notna(row[column])
+    ]
+    client.log_batch(parent_id, metrics=metrics)
 
 
 def abandon_sweep(interrupted: bool) -> None:

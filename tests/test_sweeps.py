@@ -418,6 +418,8 @@ def test_an_interrupted_search_continues_the_same_study_at_its_next_trial(make_c
     done = [c for c in children if c.info.status == "FINISHED"]
     assert parent.info.status == "FINISHED" and sorted(int(c.data.tags["trial"]) for c in done) == [0, 1, 2, 3]
     assert {c.data.tags["study"] for c in done} == {summary.study_name}
+    on_parent = client.get_run(parent.info.run_id).data.metrics  # the tuning summary, not a table of trials
+    assert {"GRU/expected_best_at_1", "GRU/expected_best_at_4"} <= set(on_parent)
     for trial in after:  # each trial's value is its run's best validation accuracy
         (run,) = [c for c in done if c.data.tags["trial"] == str(trial.number)]
         history = client.get_metric_history(run.info.run_id, "val/accuracy")
