@@ -291,8 +291,9 @@ def sigterm_after_finished(proc, tmp_path, count: int) -> str:
         if db.exists():
             try:
                 _, _, children = sweep_runs(tmp_path)
-                finished = sum(c.info.status == "FINISHED" for c in children)
-                if finished >= count and list(tmp_path.glob("checkpoints/*/state.json")):
+                finished = {c.info.run_id for c in children if c.info.status == "FINISHED"}
+                saved = {p.parent.name for p in tmp_path.glob("checkpoints/*/state.json")}  # a finished run's goes
+                if len(finished) >= count and saved - finished:
                     break
             except (ValueError, AttributeError, TypeError):  # the parent or the experiment does not exist yet
                 pass
@@ -303,35 +304,46 @@ def sigterm_after_finished(proc, tmp_path, count: int) -> str:
     return output
 
 
+RESUMABLE = ["model=rnn,gru", "seeds=2", "trainer.epochs=15"]  # 2 cells x 2 seeds, jobs long enough to stop
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The RESUMABLE sweep run once without a stop (basic launcher): the results every interrupted run must match."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    prepare.run(compose_config([f"paths.root={root}", *SMALL]))
+    multirun(root, *RESUMABLE)
+    return finished_children(root)
+
+
+def assert_same_results(results: dict, expected: dict) -> None:
+    assert sorted(results) == sorted(expected) == [(c, s) for c in ("gru", "rnn") for s in ("1", "2")]
+    for job, values in expected.items():
+        for key in ("test/accuracy", "test/loss", "val/loss"):
+            assert results[job][key] == pytest.approx(values[key], rel=1e-5), (job, key)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_an_interrupted_sweep_rerun_finishes_under_its_parent_with_an_uninterrupted_sweeps_results(
-    make_cfg, mlflow_store, tmp_path, launcher
+    make_cfg, mlflow_store, tmp_path, launcher, uninterrupted
 ):
     """2 cells x 2 seeds, SIGTERM'd after its second job finished, then the same command again: one parent, four
     FINISHED children (one per job), the same metrics as the same sweep run without a stop."""
     prepare.run(make_cfg(*SMALL))
-    args = ["model=rnn,gru", "seeds=2", "trainer.epochs=30", "tracking.sweep_name=resumable"]
+    args = [*RESUMABLE, "tracking.sweep_name=resumable"]
     args += ["hydra/launcher=parallel"] if launcher == "parallel" else []
     sigterm_after_finished(launch(tmp_path, *args, wait=False), tmp_path, 2)
     _, (parent,), _ = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
     output = multirun(tmp_path, *args)
-    assert "resuming this job's KILLED run" in output  # from the checkpoint it had
+    assert "resuming this job's KILLED run" in output  # from the checkpoint it had (not afresh)
     assert "resuming its KILLED parent run" in output and output.count("skipped: this sweep FINISHED") >= 2
     client, (again,), children = sweep_runs(tmp_path)
     assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
     metrics = client.get_run(parent.info.run_id).data.metrics
     assert (metrics["sweep/jobs"], metrics["sweep/finished"]) == (4, 4)
-    resumed = finished_children(tmp_path)
-    assert sorted(resumed) == [(c, s) for c in ("gru", "rnn") for s in ("1", "2")]
-
-    fresh = tmp_path / "uninterrupted"
-    prepare.run(make_cfg(*SMALL, f"paths.root={fresh}"))
-    multirun(fresh, *args)
-    for job, values in finished_children(fresh).items():
-        for key in ("test/accuracy", "test/loss", "val/loss"):
-            assert resumed[job][key] == pytest.approx(values[key], rel=1e-5), (job, key)
+    assert_same_results(finished_children(tmp_path), uninterrupted)
 
 
 # --- A real cluster: single-node SLURM (scripts/slurm-local.sh) -------------------------------------------------
@@ -360,12 +372,12 @@ def slurm():
 
 @pytest.mark.integration
 def test_a_seeded_sweep_on_slurm_interrupted_and_resumed_matches_the_local_launcher(
-    slurm, make_cfg, mlflow_store, tmp_path
+    slurm, make_cfg, mlflow_store, tmp_path, uninterrupted
 ):
     """2 cells x 2 seeds through SLURM, SIGTERM'd after two jobs (its SLURM jobs are cancelled), the same command
     again: one parent, four FINISHED children, the metrics of the same sweep run locally."""
     prepare.run(make_cfg(*SMALL))
-    args = ["model=rnn,gru", "seeds=2", "trainer.epochs=30", "tracking.sweep_name=on_slurm"]
+    args = [*RESUMABLE, "tracking.sweep_name=on_slurm"]
     output = sigterm_after_finished(launch(tmp_path, *args, *SLURM, wait=False), tmp_path, 2)
     assert "cancelling the sweep's SLURM jobs" in output
     assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()  # none left
@@ -373,15 +385,7 @@ def test_a_seeded_sweep_on_slurm_interrupted_and_resumed_matches_the_local_launc
     client, (parent,), children = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED"
     assert client.get_run(parent.info.run_id).data.metrics["sweep/finished"] == 4
-    on_slurm = finished_children(tmp_path)
-    assert sorted(on_slurm) == [(c, s) for c in ("gru", "rnn") for s in ("1", "2")]
-
-    local = tmp_path / "local"
-    prepare.run(make_cfg(*SMALL, f"paths.root={local}"))
-    multirun(local, *args)
-    for job, values in finished_children(local).items():
-        for key in ("test/accuracy", "test/loss", "val/loss"):
-            assert on_slurm[job][key] == pytest.approx(values[key], rel=1e-5), (job, key)
+    assert_same_results(finished_children(tmp_path), uninterrupted)
 
 
 # --- A search that outlives its process -------------------------------------------------------------------------
@@ -397,7 +401,7 @@ def test_an_interrupted_search_continues_the_same_study_at_its_next_trial(make_c
         "sweep=tune_cells_toy",
         "hydra.sweeper.params.model=gru",
         "hydra.sweeper.n_trials=4",
-        "trainer.epochs=30",
+        "trainer.epochs=15",
         "hydra/launcher=parallel",
     ]
     sigterm_after_finished(launch(tmp_path, *args, wait=False), tmp_path, 2)
