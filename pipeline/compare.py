@@ -53,8 +53,9 @@ class Objective:
 
 def objective_of(runs: pd.DataFrame) -> Objective:
     """Perplexity for a language model's runs, accuracy otherwise."""
-    if "metrics.test/perplexity" in runs and runs["metrics.test/perplexity"].notna().any():
-        return Objective("perplexity", False)
+    for column in ("metrics.test/perplexity", "metrics.val/perplexity"):  # val: pruned trials have no test metric
+        if column in runs and runs[column].notna().any():
+            return Objective("perplexity", False)
     return Objective("accuracy", True)
 
 
@@ -379,7 +380,9 @@ def trials(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd
             "study": found["tags.study"],
             "cell": found.get("tags.cell"),
             "trial": pd.to_numeric(found["tags.trial"], errors="coerce"),
-            "state": found.get("tags.trial_state", pd.Series([None] * len(found))).fillna("COMPLETE"),
+            "state": found.get("tags.trial_state", pd.Series([None] * len(found)))
+            .where(found.get("status", pd.Series(["FINISHED"] * len(found))) != "FAILED", "FAILED")
+            .fillna("COMPLETE"),
             "best_val": found["run_id"].map(best),
             "run_id": found["run_id"],
             **{c: found[c] for c in found.columns if c.startswith("params.") and c != "params.seed"},
@@ -387,10 +390,19 @@ def trials(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd
     ).drop_duplicates(["study", "trial"], keep="last")
 
 
+def trial_values(group: pd.DataFrame, objective: Objective) -> pd.Series:
+    """A study's trial results for the expected-best curve: a FAILED (diverged) trial counts, as the study's worst
+    value (leaving it out would flatter a cell that is hard to tune)."""
+    values = group["best_val"].where(group["state"] != "FAILED")
+    worst = values.min() if objective.higher else values.max()
+    return values.where(group["state"] != "FAILED", worst)
+
+
 def tuning_curves(table: pd.DataFrame, objective: Objective) -> dict[str, pd.DataFrame]:
     """Per study (one per cell in a tune_cells_* sweep): its expected-best curve and band."""
     return {
-        study: expected_best(group["best_val"], objective.higher) for study, group in table.groupby("study", sort=True)
+        study: expected_best(trial_values(group, objective), objective.higher)
+        for study, group in table.groupby("study", sort=True)
     }
 
 
@@ -406,8 +418,9 @@ def tuning_summary(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     """Per study: trials, pruned, best trial and its value, expected best at 1 and at all trials."""
     rows = []
     for study, group in table.groupby("study", sort=True):
-        curve = expected_best(group["best_val"], objective.higher)
-        ranked = group.dropna(subset=["best_val"]).sort_values("best_val", ascending=not objective.higher)
+        curve = expected_best(trial_values(group, objective), objective.higher)
+        ranked = group[group["state"] != "FAILED"].dropna(subset=["best_val"])
+        ranked = ranked.sort_values("best_val", ascending=not objective.higher)
         best = ranked.iloc[0] if len(ranked) else None
         searched = [c for c in group.columns if c.startswith("params.") and group[c].astype(str).nunique() > 1]
         chosen = "" if best is None else ", ".join(f"{c.split('.', 1)[1]}={_short(best[c])}" for c in searched)
@@ -417,6 +430,7 @@ def tuning_summary(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
                 "cell": CELL_NAMES.get(group["cell"].iloc[0], group["cell"].iloc[0]),
                 "trials": len(group),
                 "pruned": int((group["state"] == "PRUNED").sum()),
+                "failed": int((group["state"] == "FAILED").sum()),
                 "best_trial": None if best is None else int(best["trial"]),
                 "best_val": None if best is None else float(best["best_val"]),
                 "best_params": chosen,

@@ -245,6 +245,16 @@ def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Pat
     return lines, figures
 
 
+def with_failed_trials(cfg: DictConfig, trials: pd.DataFrame, curves: pd.DataFrame) -> tuple:
+    """Search trials and curves plus the FAILED (diverged) trials: they count in the expected-best curve."""
+    failed = tracking.finished_runs(cfg.tracking.uri, cfg.report.experiments, status="FAILED")
+    if "tags.study" not in failed:
+        return trials, curves
+    failed = failed[failed["tags.study"].notna()]
+    more = tracking.metric_histories(cfg.tracking.uri, list(failed["run_id"]), CURVE_KEYS)
+    return pd.concat([trials, failed], ignore_index=True), pd.concat([curves, more], ignore_index=True)
+
+
 def write_tuning(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[list[str], list[Path]]:
     """The searches (runs tagged with an Optuna study), per dataset and sweep: each cell's trials, pruned count and
     best trial, and its expected best validation metric against the number of trials, with a bootstrap band."""
@@ -252,7 +262,7 @@ def write_tuning(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[l
         return [], []
     lines, files = ["", "## Tuning budget: expected best vs trials", "", f"Curves: {compare.TUNING}.", ""], []
     for (dataset, sweep), group in sorted(runs.groupby(["tags.dataset", "tags.sweep"], dropna=False)):
-        objective = compare.objective_of(compare.completed(group))
+        objective = compare.objective_of(group)
         table = compare.trials(group, curves, objective)
         summary = compare.tuning_summary(table, objective)
         name = f"tuning_{dataset}_{sweep}"
@@ -281,6 +291,7 @@ def write_tuning(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[l
 def plot_tuning(title: str, curves: dict, summary: pd.DataFrame, objective: compare.Objective, path: Path) -> Path:
     """Each study's expected best validation metric against the number of trials, shaded with its band; with three
     or more cells a second panel zooms in on all but the worst (close curves would hide under one line)."""
+    curves = {study: curve for study, curve in curves.items() if len(curve)}  # a study whose trials all failed
     zoom = len(curves) >= 3
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
     cells = dict(zip(summary["study"], summary["cell"], strict=True))
@@ -411,7 +422,7 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
         boards = {r.name: r.board for r in reports}
         written = [path for r in reports for path in r.files]
         lines, figures = render(reports, out)
-        tuning_lines, tuning_files = write_tuning(runs[searched], curves, out)
+        tuning_lines, tuning_files = write_tuning(*with_failed_trials(cfg, runs[searched], curves), out)
         sections += lines + tuning_lines
         written += figures + tuning_files
     remove_stale(out, written)

@@ -75,6 +75,7 @@ def sweep_key(overrides: dict[str, str]) -> str:
 
 PRUNED = "PRUNED"  # what a pruned job returns to the sweeper (a float would read as a result)
 PRUNERS = ("median", "hyperband", "none")
+DIRECTIONS = ("auto", "maximize", "minimize")
 SAMPLERS = ("tpe", "random")
 
 
@@ -165,7 +166,9 @@ class TrialLink:
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         """Report the epoch; raise ``Pruned`` when the pruner says stop."""
-        value = metrics.get(objective_key(metrics), float("nan"))
+        key = objective_key(metrics)
+        check_direction(self.study, "minimize" if key == "val/perplexity" else "maximize")
+        value = metrics.get(key, float("nan"))
         if not math.isfinite(value):
             return  # a diverged epoch is the run's failure to report, not the pruner's decision
         self.trial.report(value, epoch)
@@ -203,7 +206,7 @@ def _distribution(override):
     if isinstance(value, RangeSweep):
         if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
             return IntDistribution(value.start, value.stop - 1, step=value.step)
-        return FloatDistribution(value.start, value.stop, step=value.step)
+        return CategoricalDistribution(list(override.sweep_iterator()))  # Hydra's values exactly: stop excluded
     raise SweepError(f"{override.input_line}: an Optuna search takes choice(), interval() or range(), not this form")
 
 
@@ -231,8 +234,8 @@ class OptunaSweeper(Sweeper):
     from checkpoints), then new ones until every study holds ``n_trials``."""
 
     def __init__(self, direction: str, n_trials: int, n_jobs: int, study_name: str | None, sampler, params) -> None:
-        if direction not in ("maximize", "minimize"):
-            raise SweepError(f"hydra.sweeper.direction must be maximize or minimize, got {direction!r}")
+        if direction not in DIRECTIONS:
+            raise SweepError(f"hydra.sweeper.direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         if n_trials < 1 or n_jobs < 1:
             raise SweepError(f"hydra.sweeper.n_trials and n_jobs must be at least 1, got {n_trials} and {n_jobs}")
         self.direction, self.n_trials, self.n_jobs = direction, n_trials, n_jobs
@@ -248,6 +251,16 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
+    def resolved_direction(self) -> str:
+        """``auto``: minimise perplexity (a language model), maximise accuracy; a stated direction must agree."""
+        from pipeline.config import DATA_KINDS
+
+        wanted = "minimize" if DATA_KINDS[self.config.data.source] == "language_model" else "maximize"
+        if self.direction not in ("auto", wanted):
+            metric = "val/perplexity" if wanted == "minimize" else "val/accuracy"
+            raise SweepError(f"hydra.sweeper.direction={self.direction}, but the trials report {metric}: use {wanted}")
+        return wanted
+
     def base_name(self) -> str:
         from pipeline.tracking import sweep_overrides
 
@@ -261,15 +274,21 @@ class OptunaSweeper(Sweeper):
 
         lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         space, points, fixed = search_space(lines)
+        if not space:
+            raise SweepError("an Optuna search needs a search space: add choice(), interval() or range() parameters")
         search = self.config.search
-        storage = open_storage(study_storage(search, self.config.tracking.uri))
+        url = study_storage(search, self.config.tracking.uri)
+        fixed.append(f"search.storage='{url}'")  # the jobs use the storage resolved here, wherever they run
+        storage = open_storage(url)
         pruner = make_pruner(search, self.config.trainer.epochs)
+        direction = self.resolved_direction()
         studies = []
         for point in points:
             name = " ".join([self.base_name(), *point])
             study = optuna.create_study(
-                study_name=name, storage=storage, direction=self.direction, pruner=pruner, load_if_exists=True
+                study_name=name, storage=storage, direction=direction, pruner=pruner, load_if_exists=True
             )
+            check_direction(study, "minimize" if direction == "minimize" else "maximize")
             stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
             done = len(study.trials) - len(stale)
             log.info("study %r: %d of %d trials done, %d to run again", name, done, self.n_trials, len(stale))
@@ -285,6 +304,8 @@ class OptunaSweeper(Sweeper):
             for (study, number, _), result in zip(batch, results, strict=True):
                 self._tell(study, number, result)
             returns.append(results)
+        if not returns:
+            log.info("nothing to run: every study holds %d trials (raise hydra.sweeper.n_trials)", self.n_trials)
         for _, study, _ in studies:
             log_best(study)
         return returns
@@ -322,6 +343,16 @@ class OptunaSweeper(Sweeper):
                 study.tell(number, state=TrialState.FAIL)
         except (ValueError, RuntimeError) as err:  # already told (a skipped, finished job): keep what it says
             log.warning("trial %d of %r: %s", number, study.study_name, err)
+
+
+def check_direction(study, wanted: str) -> None:
+    """A study continued from storage keeps the direction it was created with: it must be the one wanted."""
+    found = study.direction.name.lower()
+    if found != wanted:
+        raise SweepError(
+            f"study {study.study_name!r} {found}s its objective, but this search should {wanted} it (the direction "
+            "cannot change): give the search another hydra.sweeper.study_name"
+        )
 
 
 def log_best(study) -> None:

@@ -576,10 +576,16 @@ def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
 def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = None, uri: str | None = None) -> str:
     """End a sweep's parent run with the status that tells the truth: KILLED when ``stopped="interrupted"``
     (children left RUNNING by killed workers are marked KILLED too), FAILED when ``stopped="crashed"`` or when fewer
-    children FINISHED than the ``jobs`` launched (a job can fail before its run exists), else FINISHED."""
+    jobs FINISHED than the ``jobs`` launched (a job can fail before its run exists), else FINISHED. A search is
+    FINISHED when every trial ended and one finished: a diverged trial (its run FAILED) is one of its results.
+    A parent that ran nothing and holds nothing (a search already complete) is deleted: "EMPTY"."""
     client = MlflowClient(uri) if uri else MlflowClient()
     parent = client.get_run(parent_id)
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    if not children and not jobs and not stopped:
+        client.delete_run(parent_id)
+        log.info("nothing ran and nothing was left to run: the empty parent run %s is deleted", parent_id)
+        return "EMPTY"
     for child in children:
         if stopped and child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, status="KILLED")
@@ -588,28 +594,37 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
     for child in children:
         attempts.setdefault(_job_key(child), set()).add(client.get_run(child.info.run_id).info.status)
     finished = sum("FINISHED" in states for states in attempts.values())
+    failed = sum("FINISHED" not in states and "FAILED" in states for states in attempts.values())
     jobs = max(jobs or 0, len(attempts))
     client.log_batch(
         parent_id,
         metrics=[
             Metric(key, value, int(time.time() * 1000), 0)
-            for key, value in [("sweep/jobs", jobs), ("sweep/children", len(children)), ("sweep/finished", finished)]
+            for key, value in [
+                ("sweep/jobs", jobs),
+                ("sweep/children", len(children)),
+                ("sweep/finished", finished),
+                ("sweep/failed", failed),
+            ]
         ],
     )
-    status = (
-        "KILLED" if stopped == "interrupted" else "FINISHED" if jobs and finished == jobs and not stopped else "FAILED"
-    )
+    search = any("study" in c.data.tags for c in children)
+    done = finished + failed == jobs and finished > 0 if search else finished == jobs
+    status = "KILLED" if stopped == "interrupted" else "FINISHED" if jobs and done and not stopped else "FAILED"
     try:  # the comparison is a convenience: it never changes what the sweep's status says
         log_comparison(client, parent_id)
     except Exception as err:
         log.warning("could not log the sweep's comparison on its parent run %s: %s", parent_id, _short(err))
     client.set_terminated(parent_id, status=status)
-    log.info("sweep %s: %d of %d jobs FINISHED (parent %s)", status, finished, jobs, parent_id)
+    log.info("sweep %s: %d of %d jobs FINISHED, %d FAILED (parent %s)", status, finished, jobs, failed, parent_id)
     return status
 
 
 def _job_key(run) -> tuple[str, str]:
+    """A grid job is a configuration and a seed; a search job is its study's trial (two trials may share values)."""
     tags = run.data.tags
+    if "study" in tags:
+        return (tags["study"], tags.get("trial", ""))
     return (tags.get("config_id", run.info.run_id), tags.get("seed", ""))
 
 
@@ -629,7 +644,12 @@ def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
         output_format="pandas",
     )
     if "tags.study" in runs and runs["tags.study"].notna().any():
-        log_tuning(client, parent_id, runs)
+        failed = mlflow.search_runs(  # diverged trials count in a search's curve
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FAILED'",
+            output_format="pandas",
+        )
+        log_tuning(client, parent_id, pd.concat([runs, failed], ignore_index=True))
         return None
     if runs.empty:
         return None
@@ -702,6 +722,9 @@ def start_sweep(config: DictConfig) -> str:
     key = sweep.sweep_key(overrides)
     mode = sweep.resume_mode(config.sweep.resume)
     if mode != "false" and (parent := _unfinished_sweep(client, experiment_id, key)):
+        holder = RunLock(config.paths.checkpoints, parent.info.run_id).holder()
+        if holder:  # a live sweep: continuing it from here would run its jobs twice
+            raise TrackingError(f"this sweep (parent run {parent.info.run_id}) is running right now ({holder})")
         client.update_run(parent.info.run_id, status="RUNNING")
         resumed = int(parent.data.tags.get("sweep_resumed", "0")) + 1
         client.set_tag(parent.info.run_id, "sweep_resumed", resumed)
@@ -735,17 +758,16 @@ def _unfinished_sweep(client: MlflowClient, experiment_id: str, key: str):
     return runs[0] if runs else None
 
 
-def sweep_child(cfg: DictConfig, parent: str, config_key: str, seed: int):
-    """This job's earlier run in the sweep ``parent`` (same ``config_id`` and seed): a FINISHED one if there is
-    one, else the newest; None when the sweep has not run this job before."""
+def sweep_child(cfg: DictConfig, parent: str, tags: Mapping[str, Any]):
+    """This job's earlier run in the sweep ``parent``'s experiment, found by ``tags`` (``config_id`` and ``seed`` for
+    a grid job, under that parent; ``study`` and ``trial`` for a search trial, whichever parent ran it): a FINISHED
+    one if there is one, else the newest; None when this job has not run before."""
     client = connect(cfg.tracking)
     experiment_id = client.get_run(parent).info.experiment_id
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.config_id = '{config_key}' "
-        f"and tags.seed = '{seed}'",
-        order_by=["attributes.start_time DESC"],
-    )
+    where = [f"tags.{key} = '{value}'" for key, value in tags.items()]
+    if "study" not in tags:
+        where.append(f"tags.mlflow.parentRunId = '{parent}'")
+    runs = client.search_runs([experiment_id], " and ".join(where), order_by=["attributes.start_time DESC"])
     finished = [r for r in runs if r.info.status == "FINISHED"]
     return (finished or runs or [None])[0]
 
@@ -761,12 +783,20 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.parent: str | None = None
+        self.lock: RunLock | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
             return
         try:
             self.parent = start_sweep(config)
+            self.lock = RunLock(config.paths.checkpoints, self.parent).acquire()  # one live process per sweep
+        except BlockingIOError:
+            holder = RunLock(config.paths.checkpoints, self.parent).holder() or "another process"
+            log.error(
+                "this sweep (parent run %s) is running right now (%s): wait for it or stop it", self.parent, holder
+            )
+            raise SweepFailed(1) from None
         except Exception as err:  # Hydra would only warn and run the jobs without a parent: stop instead
             log.error("the sweep cannot start its MLflow parent run: %s", _short(err))
             raise SweepFailed(1) from err
@@ -789,6 +819,10 @@ class SweepCallback(Callback):
             return
         jobs = sum(p.is_dir() and p.name.isdigit() for p in Path(config.hydra.sweep.dir).iterdir())
         status = finish_sweep(self.parent, jobs)
+        if self.lock:
+            self.lock.release()
+        if status == "EMPTY":
+            status = "FINISHED"
         os.environ.pop(SWEEP_ENV, None)
         os.environ.pop(SWEEP_STORE_ENV, None)
         os.environ.pop(sweep.SWEEP_DIR_ENV, None)
@@ -808,9 +842,10 @@ def experiments(tracking_uri: str, pattern: str) -> list[tuple[str, str]]:
     return sorted((e.name, e.experiment_id) for e in found)
 
 
-def finished_runs(tracking_uri: str, experiment_pattern: str) -> pd.DataFrame:
-    """Every FINISHED training run (sweep parents left out) of the experiments matching ``experiment_pattern``
-    (SQL LIKE, e.g. ``rnnlab-%``), one row each with ``params.*``, ``metrics.*`` and ``tags.*`` columns."""
+def finished_runs(tracking_uri: str, experiment_pattern: str, status: str = "FINISHED") -> pd.DataFrame:
+    """Every FINISHED (or ``status``) training run (sweep parents left out) of the experiments matching
+    ``experiment_pattern`` (SQL LIKE, e.g. ``rnnlab-%``), one row each with ``params.*``, ``metrics.*`` and
+    ``tags.*`` columns."""
     problem = _store_problem(tracking_uri, timeout=10)
     if problem:
         raise TrackingError(f"the tracking store {redact(tracking_uri)} cannot be used: {problem}")
@@ -820,7 +855,7 @@ def finished_runs(tracking_uri: str, experiment_pattern: str) -> pd.DataFrame:
         return pd.DataFrame()
     runs = mlflow.search_runs(
         experiment_ids=[e.experiment_id for e in experiments],
-        filter_string="attributes.status = 'FINISHED'",
+        filter_string=f"attributes.status = '{status}'",
         output_format="pandas",
     )
     if runs.empty:

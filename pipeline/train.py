@@ -36,7 +36,14 @@ config.register()
 
 TrainingError = tasks.TrainingError
 PRESET_GROUPS = ("+experiment=", "+sweep=", "+budget=")
-USER_ERRORS = (TrainingError, tracking.TrackingError, data.DataError, config.ConfigError, CheckpointError)
+USER_ERRORS = (
+    TrainingError,
+    tracking.TrackingError,
+    data.DataError,
+    config.ConfigError,
+    CheckpointError,
+    sweep.SweepError,
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -144,15 +151,19 @@ def earlier_attempt(cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None]
     parent = tracking.sweep_parent()
     if not parent or not cfg.tracking.enabled or cfg.trainer.resume_run_id or cfg.trainer.resume:
         return None, None
-    meta = data.load_meta(cfg.paths.data, cfg.data.name)
-    precision = models.resolve_precision(cfg.trainer.precision, meta["kind"])
-    job = config.config_id(cfg, data.digest(cfg.paths.data, cfg.data.name), precision)
-    earlier = tracking.sweep_child(cfg, parent, job, cfg.seed)
+    if cfg.search.trial is not None:  # a trial is itself, whatever another trial with the same values did
+        job = f"{cfg.search.study} trial {cfg.search.trial}"
+        earlier = tracking.sweep_child(cfg, parent, {"study": cfg.search.study, "trial": cfg.search.trial})
+    else:
+        meta = data.load_meta(cfg.paths.data, cfg.data.name)
+        precision = models.resolve_precision(cfg.trainer.precision, meta["kind"])
+        job = config.config_id(cfg, data.digest(cfg.paths.data, cfg.data.name), precision)
+        earlier = tracking.sweep_child(cfg, parent, {"config_id": job, "seed": cfg.seed})
     if earlier is None:
         return None, None
     run_id = earlier.info.run_id
     if earlier.info.status == "FINISHED":
-        log.info("skipped: this sweep FINISHED this job (config_id %s, seed %s) as run %s", job, cfg.seed, run_id)
+        log.info("skipped: this sweep FINISHED this job (%s, seed %s) as run %s", job, cfg.seed, run_id)
         metrics = dict(earlier.data.metrics)
         key = sweep.objective_key(metrics)
         best = sweep.best_objective([{key: v} for v in tracking.metric_values(cfg, run_id, key)])
@@ -361,6 +372,7 @@ def cli() -> None:
             signum = getattr(err, "signum", None) or interrupts.signal or signal.SIGINT
             sys.exit(128 + signum)
         except BaseException:
+            sweep.cancel_cluster_jobs()  # e.g. one SLURM job timed out: the others would train on, unseen
             tracking.abandon_sweep(interrupted=False)
             raise
 

@@ -214,16 +214,22 @@ def test_search_trials_get_their_own_section_with_expected_best_curves_and_prune
             if not pruned:
                 tags["trial_state"] = "COMPLETE"
             add_run(client, toy, f"t-{cell}-{number}", cell, 100, val, 0.5, extra_tags=tags)
+    tags = {"study": "s model=rnn", "trial": "3", "sweep": "tune"}  # diverged: counts as the study's worst value
+    add_run(client, toy, "t-rnn-3", "rnn", 100, [0.5], 0.5, status="FAILED", extra_tags=tags)
     boards = report.run(make_cfg(top="report"))
     assert list(boards["toy"]["run"]) == ["toy-lstm", "toy-gru", "toy-rnn"]  # trials stay out of the comparison
     table = pd.read_csv(tmp_path / "reports" / "comparisons" / "tuning_toy_tune.csv")
-    assert len(table) == 6 and (table["state"] == "PRUNED").sum() == 2
+    assert len(table) == 7 and (table["state"] == "PRUNED").sum() == 2 and (table["state"] == "FAILED").sum() == 1
     readme = (tmp_path / "reports" / "README.md").read_text()
     section = readme.split("## Tuning budget")[1]
     gru = next(line for line in section.splitlines() if line.startswith("| s model=gru"))
     cells = [c.strip() for c in gru.strip("|").split("|")]
-    # trials 3, pruned 1, best trial 0 (0.9); expected best of 1 = mean(0.9, 0.8, 0.55), of 3 = the formula
-    assert cells[1:6] == ["GRU", "3", "1", "0", "0.9"]
-    assert float(cells[7]) == pytest.approx(0.75, abs=1e-4)
-    assert float(cells[8]) == pytest.approx(0.55 / 27 + 0.8 * 7 / 27 + 0.9 * 19 / 27, abs=1e-4)
+    # trials 3, pruned 1, failed 0, best trial 0 (0.9); expected best of 1 = mean(0.9, 0.8, 0.55), of 3 = the formula
+    assert cells[1:7] == ["GRU", "3", "1", "0", "0", "0.9"]
+    assert float(cells[8]) == pytest.approx(0.75, abs=1e-4)
+    assert float(cells[9]) == pytest.approx(0.55 / 27 + 0.8 * 7 / 27 + 0.9 * 19 / 27, abs=1e-4)
+    rnn = [
+        c.strip() for c in next(x for x in section.splitlines() if x.startswith("| s model=rnn")).strip("|").split("|")
+    ]
+    assert rnn[2:5] == ["4", "1", "1"] and float(rnn[8]) == pytest.approx((0.6 + 0.7 + 0.52 + 0.52) / 4, abs=1e-4)
     assert (tmp_path / "reports" / "figures" / "tuning_toy_tune.png").stat().st_size > 5000

@@ -52,16 +52,50 @@ def test_the_sweep_key_ignores_how_a_sweep_runs_but_not_what_it_runs():
     assert sweep.sweep_key({**base, "model.units": "8"}) != sweep.sweep_key(base)
 
 
-def test_a_resumed_search_draws_what_an_uninterrupted_one_would():
-    """The sampler of trial k is seeded from k: the same command draws the same trials however often it stopped."""
-    cfg = OmegaConf.create({"kind": "random", "seed": 123, "startup_trials": 10})
-    space = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
-    draws = []
-    for _ in range(2):
-        study = optuna.create_study()
-        study.sampler = sweep.make_sampler(cfg, 123 + 7919 * 3)
-        draws.append(study.ask(space).params["lr"])
-    assert draws[0] == draws[1]
+def sweeper(n_trials: int = 4, n_jobs: int = 2) -> sweep.OptunaSweeper:
+    sampler = OmegaConf.create({"kind": "random", "seed": 123, "startup_trials": 10})
+    return sweep.OptunaSweeper("auto", n_trials, n_jobs, None, sampler, {})
+
+
+def test_a_resumed_search_runs_its_running_trials_again_then_draws_what_an_uninterrupted_one_would():
+    """A study stopped with trials 0, 1 done and 2 RUNNING: the next batch re-launches trial 2 under its number and
+    params, then asks trial 3, which draws what trial 3 of an uninterrupted search drew."""
+    space = {"optimizer.learning_rate": FloatDistribution(1e-4, 1e-1, log=True)}
+    uninterrupted = optuna.create_study()
+    for k in range(4):
+        uninterrupted.sampler = sweep.make_sampler(sweeper().sampler, 123 + 7919 * k)
+        trial = uninterrupted.ask(space)
+        uninterrupted.tell(trial, 0.5)
+    stopped = optuna.create_study()
+    for k in range(3):
+        stopped.sampler = sweep.make_sampler(sweeper().sampler, 123 + 7919 * k)
+        trial = stopped.ask(space)
+        if k < 2:
+            stopped.tell(trial, 0.5)
+    stale = [t for t in stopped.trials if t.state.name == "RUNNING"]
+    batch = sweeper()._batch([(["model=gru"], stopped, stale)], space, ["seed=1"], 0)
+    assert [number for _, number, _ in batch] == [2, 3]
+    drawn = [t.params for t in uninterrupted.trials]
+    for (_, number, overrides), params in zip(batch, drawn[2:], strict=True):
+        value = params["optimizer.learning_rate"]
+        assert overrides[:3] == ["seed=1", "model=gru", f"optimizer.learning_rate={value}"]
+        assert overrides[3:] == [f"search.study='{stopped.study_name}'", f"search.trial={number}"]
+    assert sweeper()._batch([(["model=gru"], stopped, [])], space, [], 0) == []  # 4 trials: the study is complete
+
+
+def test_a_search_without_a_space_or_against_its_metric_is_refused(make_cfg):
+    with pytest.raises(sweep.SweepError, match="needs a search space"):
+        s = sweeper()
+        s.config = make_cfg()
+        s.sweep(["model=rnn,gru"])
+    s = sweep.OptunaSweeper("maximize", 4, 2, None, sweeper().sampler, {})
+    s.config = make_cfg("data=ptb")
+    with pytest.raises(sweep.SweepError, match="the trials report val/perplexity: use minimize"):
+        s.resolved_direction()
+    s.direction = "auto"
+    assert s.resolved_direction() == "minimize"
+    with pytest.raises(sweep.SweepError, match="maximizes its objective, but this search should minimize"):
+        sweep.check_direction(optuna.create_study(direction="maximize"), "minimize")
 
 
 def test_the_best_objective_is_the_best_epoch():

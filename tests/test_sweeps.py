@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import config, prepare
+from pipeline import config, prepare, tracking
 from tests.conftest import CONF, REPO, compose_config, in_ci
 
 SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "tracking.log_model=false")
@@ -415,6 +415,7 @@ def test_an_interrupted_search_continues_the_same_study_at_its_next_trial(make_c
 
     output = multirun(tmp_path, *args)
     assert "2 of 4 trials done, 2 to run again" in output
+    assert "resuming this job's KILLED run" in output  # a stopped trial continues its own run from its checkpoint
     after = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert [t.number for t in after] == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in after)
     assert [t.params for t in after[2:]] == [t.params for t in before[2:]]  # the same trials, not new draws
@@ -430,3 +431,53 @@ def test_an_interrupted_search_continues_the_same_study_at_its_next_trial(make_c
         assert trial.value == pytest.approx(max(m.value for m in history))
     first, second = sorted(done, key=lambda c: int(c.data.tags["trial"]))[:2]
     assert first.info.start_time < second.info.end_time and second.info.start_time < first.info.end_time  # 2 at once
+
+
+# --- Which parent a sweep command continues, and how a parent ends ----------------------------------------------
+def test_the_same_sweep_command_continues_its_unfinished_parent_and_only_that(tmp_path, mlflow_store):
+    def start(*extra):
+        return tracking.start_sweep(compose_config([f"paths.root={tmp_path}", "sweep=cells_toy", *extra], hydra=True))
+
+    client = MlflowClient(mlflow_store)
+    first = start()
+    client.set_terminated(first, status="KILLED")
+    assert start("trainer.verbose=2") == first  # how it runs is not what it runs: the same sweep, continued
+    assert client.get_run(first).info.status == "RUNNING" and client.get_run(first).data.tags["sweep_resumed"] == "1"
+    client.set_terminated(first, status="KILLED")
+    live = tracking.RunLock(tmp_path / "checkpoints", first).acquire()  # its process lives: no second one
+    with pytest.raises(tracking.TrackingError, match="is running right now"):
+        start()
+    live.release()
+    assert start("model.units=8") != first  # another sweep: a parent of its own
+    fresh = start("sweep.resume=false")
+    assert fresh != first and client.get_run(first).info.status == "KILLED"  # false: a new parent, the old untouched
+    client.set_terminated(fresh, status="FINISHED")
+    client.set_terminated(first, status="FINISHED")
+    with pytest.raises(tracking.TrackingError, match="no unfinished sweep"):
+        start("sweep.resume=true")  # FINISHED sweeps are complete: nothing to continue
+
+
+def child(client, parent, status, **tags):
+    experiment = client.get_run(parent).info.experiment_id
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, **tags})
+    client.set_terminated(run.info.run_id, status=status)
+
+
+def test_a_search_with_a_diverged_trial_finishes_a_grid_with_a_failed_job_does_not(tmp_path, mlflow_store):
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("rnnlab-toy", artifact_location=(tmp_path / "a").as_uri())
+    search = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+    child(client, search, "FINISHED", study="s", trial="0", trial_state="COMPLETE")
+    child(client, search, "FAILED", study="s", trial="1")  # diverged: a result of the search
+    child(client, search, "KILLED", study="s", trial="2")  # an attempt ...
+    child(client, search, "FINISHED", study="s", trial="2", trial_state="PRUNED")  # ... then its resumed end
+    assert tracking.finish_sweep(search, 3, uri=mlflow_store) == "FINISHED"
+    metrics = client.get_run(search).data.metrics
+    assert (metrics["sweep/jobs"], metrics["sweep/finished"], metrics["sweep/failed"]) == (3, 2, 1)
+    grid = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+    child(client, grid, "FINISHED", config_id="a", seed="1")
+    child(client, grid, "FAILED", config_id="a", seed="2")
+    assert tracking.finish_sweep(grid, 2, uri=mlflow_store) == "FAILED"
+    empty = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+    assert tracking.finish_sweep(empty, 0, uri=mlflow_store) == "EMPTY"  # a complete search, run again
+    assert client.get_run(empty).info.lifecycle_stage == "deleted"
