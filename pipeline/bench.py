@@ -5,7 +5,9 @@
 
 For each case (a preset) it times ``bench.steps`` training steps after a warm-up, alternating in one process (a) the
 pipeline's path (``Task.train_epoch`` plus the epoch's MLflow logging, with the preset's speed settings) and (b)
-``model.fit`` of the same model written as a plain Keras script, with Keras' defaults. It also times (c) the
+``model.fit`` of the same model written as a plain Keras script, with Keras' defaults, and for a language model
+(d) the hand-tuned plain script ``pipeline/baselines/plain_tuned.py`` (unrolled stateful LSTMs, one compiled
+GradientTape step, clip, SGD, float32); the headline ratio is against the faster baseline. It also times (c) the
 pipeline's path with tracking off, and once a no-op ``dvc repro`` and each dataset's prepare stage.
 Results: ``reports/bench.json`` and ``reports/bench.md``.
 """
@@ -32,6 +34,7 @@ from hydra import compose
 from omegaconf import DictConfig
 
 from pipeline import config, data, models, prepare, tasks, tracking
+from pipeline.baselines import plain_tuned
 from pipeline.train import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,25 @@ class StepTimes(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self.started)
 
 
+def tuned_baseline(task: tasks.Task, x, y):
+    """For a language model, the hand-tuned plain script (``pipeline/baselines/plain_tuned.py``) on the same model
+    shapes and windows: a function that trains one epoch of them; None for a classifier (plain fit is its
+    baseline)."""
+    if task.dataset.meta["kind"] != "language_model":
+        return None
+    m, o, batch, steps = task.cfg.model, task.cfg.optimizer, task.batch_size, task.steps
+    model = plain_tuned.build(task.dataset.meta["vocab_size"], m.units, m.layers, batch, steps, m.init_scale or 0.05)
+    step = plain_tuned.train_step(model, o.learning_rate, o.clip_global_norm or 1e9)
+    xs = x.astype("int32").reshape(-1, batch, steps)
+    ys = y.astype("int32").reshape(-1, batch, steps)
+
+    def epoch() -> None:
+        for xb, yb in zip(xs, ys, strict=True):
+            step(xb, yb)
+
+    return epoch
+
+
 def timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -134,7 +156,8 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
     batch = cfg.trainer.batch_size
     steps = math.ceil(len(x) / batch)
     step_times = StepTimes()
-    times: dict[str, list[float]] = {"pipeline": [], "keras": [], "untracked": [], "tracking": []}
+    times: dict[str, list[float]] = {"pipeline": [], "keras": [], "untracked": [], "tracking": [], "tuned": []}
+    tuned = tuned_baseline(task, x, y)
 
     with tracking.start_run(cfg, {"dataset": cfg.data.name, "cell": cfg.model.cell, "bench": name}) as tracker:
 
@@ -148,7 +171,7 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
         def keras_path() -> None:
             baseline.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[step_times])
 
-        for fn in (pipeline_path, keras_path, untracked_path):  # warm-up: tracing, compilation, first allocations
+        for fn in (pipeline_path, keras_path, untracked_path, tuned or (lambda: None)):  # warm-up: tracing, compiling
             fn()
         times["tracking"].clear()
         step_times.times.clear()
@@ -156,9 +179,12 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
             times["pipeline"].append(timed(pipeline_path))
             times["keras"].append(timed(keras_path))
             times["untracked"].append(timed(untracked_path))
-    per_step = {k: [t / steps for t in v] for k, v in times.items()}
-    rate = {k: units / statistics.median(v) for k, v in times.items()}
+            if tuned:
+                times["tuned"].append(timed(tuned))
+    per_step = {k: [t / steps for t in v] for k, v in times.items() if v}
+    rate = {k: units / statistics.median(v) for k, v in times.items() if v}
     steady = units / (steps * statistics.median(step_times.times))
+    fastest = max(rate["keras"], rate.get("tuned", 0.0))
     return {
         "case": name,
         "unit": task.unit,
@@ -168,6 +194,8 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
         "pipeline_per_sec": round(rate["pipeline"]),
         "keras_per_sec": round(rate["keras"]),
         "ratio_pipeline_over_keras": round(rate["pipeline"] / rate["keras"], 3),
+        "plain_tuned_per_sec": round(rate["tuned"]) if "tuned" in rate else None,
+        "ratio_over_fastest_baseline": round(rate["pipeline"] / fastest, 3),
         "keras_steady_per_sec": round(steady),
         "ratio_over_keras_steady": round(rate["pipeline"] / steady, 3),
         "pipeline_step_ms_median": round(1000 * statistics.median(per_step["pipeline"]), 2),

@@ -219,8 +219,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"metrics": history[-1], "history": history, "run_id": run_id, "pruned": True}
     except KeyboardInterrupt as err:
         raise Interrupted(run_id, len(history), interrupts.signal) from err
-    except CheckpointError as err:
-        raise err.with_resume(run_id) from err
+    except Exception as err:
+        if interrupts.requested:  # SIGTERM landed inside TensorFlow, which turned it into an error of its own
+            raise Interrupted(run_id, len(history), interrupts.signal) from err
+        if isinstance(err, CheckpointError):
+            raise err.with_resume(run_id) from err
+        raise
     finally:
         if lock is not None:
             lock.release()

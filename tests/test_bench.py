@@ -50,6 +50,8 @@ def test_bench_numbers_agree_with_each_other_and_with_the_machine(make_cfg, tmp_
         assert case[f"{path}_step_ms_spread"] >= 0
     ratio = case["pipeline_per_sec"] / case["keras_per_sec"]
     assert agrees(case["ratio_pipeline_over_keras"], ratio, rel=0.01)
+    assert case["plain_tuned_per_sec"] is None  # the hand-tuned script is a language model's baseline
+    assert case["ratio_over_fastest_baseline"] == case["ratio_pipeline_over_keras"]
     assert agrees(case["ratio_over_keras_steady"], case["pipeline_per_sec"] / case["keras_steady_per_sec"], rel=0.01)
     # The pipeline's epoch = the untracked epoch + the tracking write (>= DELAY): the overhead is that write over
     # the untracked epoch, so the untracked epoch it implies is what remains of the pipeline's epoch after it.
@@ -76,3 +78,22 @@ def test_an_unknown_case_is_named_with_the_known_ones(make_cfg):
     with pytest.raises(ValueError, match=r"unknown case 'ptb_tiny'; choose from toy_lstm, ptb_small_lstm, "):
         bench.run(cfg)
     assert not (Path(cfg.paths.reports) / "bench.json").exists()  # nothing ran
+
+
+def test_the_plain_tuned_baseline_cuts_windows_as_the_pipeline_and_learns():
+    """The hand-tuned script (pipeline/baselines/plain_tuned.py) reads the same windows as the pipeline's language
+    model and trains: on a repeating token stream its loss falls from ln(vocab) towards 0."""
+    import numpy as np
+
+    from pipeline import tasks
+    from pipeline.baselines import plain_tuned
+
+    ids = np.tile(np.arange(12, dtype="int32"), 40)
+    x, y = tasks.lm_windows(ids, 4, 5)
+    pairs = list(plain_tuned.windows(ids, 4, 5))
+    assert np.array_equal(np.concatenate([p[0] for p in pairs]), x)
+    assert np.array_equal(np.concatenate([p[1] for p in pairs]), y)
+    model = plain_tuned.build(12, units=16, layers=1, batch=4, steps=5)
+    step = plain_tuned.train_step(model, learning_rate=1.0, clip=5.0)
+    losses = [float(step(xb, yb)) / 5 for _ in range(6) for xb, yb in pairs]
+    assert abs(losses[0] - math.log(12)) < 0.05 and losses[-1] < 0.2 * losses[0]

@@ -152,3 +152,29 @@ def test_config_id_is_the_configuration_without_its_seed(make_cfg):
     assert cid("seed=1") == cid("seed=2") == cid("seed=3", "trainer.verbose=2")  # runtime keys do not count
     assert len({cid(), cid("optimizer.learning_rate=0.1"), cid(digest="d2"), cid(precision="bfloat16_grad")}) == 4
     assert cid() != config.fingerprint(make_cfg())  # the resume fingerprint keeps the seed
+
+
+def test_a_sigterm_that_tensorflow_turns_into_an_error_of_its_own_still_ends_the_run_killed(
+    smoke, monkeypatch, tmp_path
+):
+    """A signal handler's KeyboardInterrupt raised inside one of TensorFlow's context managers comes out as
+    TensorFlow's RuntimeError (seen in CI): the run is still KILLED and resumable, not FAILED."""
+    from pipeline import tasks, tracking
+
+    made = []
+
+    class Recorded(tracking.Interrupts):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    def fit_epoch(self, epoch):
+        made[0].note(15)  # the SIGTERM handler ran ...
+        raise RuntimeError("Exiting device scope without proper scope nesting")  # ... and TensorFlow re-raised
+
+    monkeypatch.setattr(tracking, "Interrupts", Recorded)
+    monkeypatch.setattr(tasks.Task, "fit_epoch", fit_epoch)
+    with pytest.raises(train.Interrupted) as caught:
+        smoke()
+    assert caught.value.signum == 15 and caught.value.epochs_done == 0
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(caught.value.run_id).info.status == "KILLED"
