@@ -81,6 +81,12 @@ def derived_config_id(row: pd.Series) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def best_val(curves: pd.DataFrame, objective: Objective) -> pd.Series:
+    """Each run's best epoch on the validation metric (highest accuracy, lowest perplexity), by run id."""
+    val = curves[curves["key"] == objective.val].groupby("run_id")["value"]
+    return val.max() if objective.higher else val.min()
+
+
 def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     """One row per (configuration, seed): the newest run of each, its test metric, best validation metric (best
     epoch), seconds per epoch, size, cell and params."""
@@ -90,7 +96,6 @@ def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> p
         cid if isinstance(cid, str) and cid else derived_config_id(row)
         for cid, (_, row) in zip(ids, runs.iterrows(), strict=True)
     ]
-    val = curves[curves["key"] == objective.val].groupby("run_id")["value"]
     seconds = curves[curves["key"] == "perf/epoch_seconds"].groupby("run_id")["value"].mean()
     table = pd.DataFrame(
         {
@@ -103,7 +108,7 @@ def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> p
             "end_time": runs.get("end_time"),
         }
     )
-    table["best_val"] = table["run_id"].map(val.max() if objective.higher else val.min())
+    table["best_val"] = table["run_id"].map(best_val(curves, objective))
     table["s_per_epoch"] = table["run_id"].map(seconds)
     for col in runs.columns:
         if col.startswith(("params.", "tags.anchor.", "tags.preset", "tags.sweep")):
@@ -372,8 +377,6 @@ def trials(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd
     if "tags.study" not in runs:
         return pd.DataFrame()
     found = runs[runs["tags.study"].notna()].reset_index(drop=True)
-    val = curves[curves["key"] == objective.val].groupby("run_id")["value"]
-    best = val.max() if objective.higher else val.min()
     return pd.DataFrame(
         {
             "sweep": found.get("tags.sweep", pd.Series([""] * len(found))).fillna(""),
@@ -383,7 +386,7 @@ def trials(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd
             "state": found.get("tags.trial_state", pd.Series([None] * len(found)))
             .where(found.get("status", pd.Series(["FINISHED"] * len(found))) != "FAILED", "FAILED")
             .fillna("COMPLETE"),
-            "best_val": found["run_id"].map(best),
+            "best_val": found["run_id"].map(best_val(curves, objective)),
             "run_id": found["run_id"],
             **{c: found[c] for c in found.columns if c.startswith("params.") and c != "params.seed"},
         }

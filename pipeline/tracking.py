@@ -865,12 +865,6 @@ def finished_runs(tracking_uri: str, experiment_pattern: str, status: str = "FIN
     return runs.reset_index(drop=True)
 
 
-def metric_values(cfg: DictConfig, run_id: str, key: str) -> list[float]:
-    """The values one metric of a run took, step by step."""
-    history = connect(cfg.tracking).get_metric_history(run_id, key)
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
-
-
 def metric_histories(tracking_uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
     """Long table (run_id, key, step, value) of the per-epoch metrics ``keys`` of each run."""
     client = MlflowClient(tracking_uri=tracking_uri)

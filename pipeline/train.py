@@ -166,7 +166,8 @@ def earlier_attempt(cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None]
         log.info("skipped: this sweep FINISHED this job (%s, seed %s) as run %s", job, cfg.seed, run_id)
         metrics = dict(earlier.data.metrics)
         key = sweep.objective_key(metrics)
-        best = sweep.best_objective([{key: v} for v in tracking.metric_values(cfg, run_id, key)])
+        values = tracking.metric_histories(cfg.tracking.uri, [run_id], [key])["value"]
+        best = sweep.best_objective([{key: v} for v in values])
         pruned = earlier.data.tags.get("trial_state") == "PRUNED"
         return {"metrics": metrics, "run_id": run_id, "skipped": True, "pruned": pruned, "best": best}, None
     if Checkpoint(Path(cfg.paths.checkpoints) / run_id).exists():
