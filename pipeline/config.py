@@ -150,6 +150,7 @@ class TrainerConfig:
     deterministic: bool = MISSING
     jit_compile: bool = MISSING
     precision: str = MISSING
+    kernels: str = MISSING
     steps_per_execution: int = MISSING
     distribute: bool = MISSING
     intra_op_threads: int = MISSING
@@ -343,6 +344,7 @@ RUNTIME_KEYS = (
     "inter_op_threads",
     "generate_words",
     "divergence_factor",
+    "kernels",  # fused or Keras' loops: the same math, so the same run (the tag says which ran)
 )
 
 
@@ -502,6 +504,7 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.cell": ("cell type", CELLS),
     "optimizer.name": ("optimizer", OPTIMIZERS),
     "trainer.precision": ("precision", PRECISIONS),
+    "trainer.kernels": ("kernel choice", ("auto", "fused", "keras")),
     "anchor.metric": ("anchor metric", ANCHOR_METRICS),
     "search.pruner": ("pruner", ("median", "hyperband", "none")),
 }

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import kernels
 from pipeline.config import CELLS, OPTIMIZERS
 
 RECURRENT_LAYERS: dict[str, type] = {
@@ -95,14 +96,27 @@ def initializers(cfg: Any) -> dict[str, Any]:
     return {"kernel_initializer": uniform, "recurrent_initializer": uniform, "bias_initializer": uniform}
 
 
+def resolve_kernels(kernels: str) -> str:
+    """``trainer.kernels`` decided for this machine: ``auto`` is ``fused`` on a CPU and ``keras`` on a GPU (where
+    Keras' layers run cuDNN's kernels)."""
+    if kernels == "auto":
+        return "keras" if gpu_available() else "fused"
+    return kernels
+
+
 def recurrent_layer(
-    cfg: Any, return_sequences: bool, name: str, stateful: bool = False, dtype: str | None = None
+    cfg: Any,
+    return_sequences: bool,
+    name: str,
+    stateful: bool = False,
+    dtype: str | None = None,
+    fused: bool = False,
 ) -> keras.layers.Layer:
     """One recurrent layer of ``cfg.cell``, bidirectional if asked. ``cfg.unroll`` is ignored on a GPU: an unrolled
-    layer cannot use the cuDNN kernel."""
+    layer cannot use the cuDNN kernel. ``fused``: the layer trains with ``pipeline.kernels``' loops (same weights)."""
     if cfg.cell not in RECURRENT_LAYERS:
         raise ValueError(f"unknown cell type {cfg.cell!r}; valid cell types: {', '.join(CELLS)}")
-    layer = RECURRENT_LAYERS[cfg.cell](
+    layer = (kernels.FUSED_LAYERS if fused else RECURRENT_LAYERS)[cfg.cell](
         cfg.units,
         return_sequences=return_sequences,
         recurrent_dropout=cfg.recurrent_dropout,
@@ -162,14 +176,15 @@ def build_classifier(cfg: Any, meta: dict[str, Any], precision: str = "float32")
 
 
 def build_language_model(
-    cfg: Any, meta: dict[str, Any], batch_size: int | None = None, precision: str = "float32"
+    cfg: Any, meta: dict[str, Any], batch_size: int | None = None, precision: str = "float32", fused: bool = False
 ) -> keras.Model:
     """Embedding -> dropout -> ``layers`` x (recurrent layer -> dropout) -> logits over the vocabulary, every step.
 
     With ``batch_size`` the recurrent layers are stateful: the state at the end of one window starts the next
     (truncated back-propagation through time), which needs a fixed batch. Without it the model reads whole
     sequences of any length and batch from a zero state: the form logged to MLflow and used for generation.
-    ``bfloat16_grad`` changes only training, so only the stateful model uses ``Bfloat16GradDense``.
+    ``bfloat16_grad`` changes only training, so only the stateful model uses ``Bfloat16GradDense``; ``fused``
+    (``trainer.kernels``) likewise only trains the stateful model with ``pipeline.kernels``' recurrent layers.
     """
     if cfg.bidirectional:
         raise ValueError(
@@ -189,7 +204,8 @@ def build_language_model(
     if cfg.dropout:
         x = keras.layers.Dropout(cfg.dropout, name="dropout_0", dtype=body)(x)
     for i in range(cfg.layers):
-        x = recurrent_layer(cfg, return_sequences=True, name=f"{cfg.cell}_{i + 1}", stateful=stateful, dtype=body)(x)
+        fuse = fused and stateful
+        x = recurrent_layer(cfg, True, f"{cfg.cell}_{i + 1}", stateful=stateful, dtype=body, fused=fuse)(x)
         if cfg.dropout:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}", dtype=body)(x)
     dense_init = initializers(cfg)
@@ -216,17 +232,22 @@ def reset_states(model: keras.Model) -> None:
 @keras.saving.register_keras_serializable("rnnlab")
 class SequenceLoss(keras.losses.Loss):
     """Cross-entropy summed over the window's time steps and averaged over the batch: the TF tutorial's cost, so
-    that its learning rate (1.0) and clipping norm (5) mean the same here. Per-token loss = this / ``steps``."""
+    that its learning rate (1.0) and clipping norm (5) mean the same here. Per-token loss = this / ``steps``.
+    ``fused``: computed by ``kernels.sparse_xent`` (same values, 4x faster on a CPU than TF's fused op)."""
 
-    def __init__(self, steps: int, name: str = "sequence_loss", **kwargs: Any):
+    def __init__(self, steps: int, name: str = "sequence_loss", fused: bool = False, **kwargs: Any):
         super().__init__(name=name, **kwargs)
         self.steps = steps
+        self.fused = fused
 
     def call(self, y_true, y_pred):
-        return self.steps * keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        if not self.fused:
+            return self.steps * keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        flat = kernels.sparse_xent(tf.reshape(y_true, [-1]), tf.reshape(y_pred, [-1, tf.shape(y_pred)[-1]]))
+        return self.steps * tf.reshape(flat, tf.shape(y_true))
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "steps": self.steps}
+        return {**super().get_config(), "steps": self.steps, "fused": self.fused}
 
 
 def build_model(

@@ -86,6 +86,8 @@ class Task:
         self.dataset = dataset
         self.batch_size = cfg.trainer.batch_size
         self.precision = models.resolve_precision(cfg.trainer.precision, dataset.meta["kind"])
+        lm = dataset.meta["kind"] == "language_model"  # the fused kernels are the language model's
+        self.kernels = models.resolve_kernels(cfg.trainer.kernels) if lm else "keras"
         self.scope = distribution_scope(cfg)
         with self.scope:
             self.model = self.build()
@@ -276,8 +278,10 @@ class LanguageModel(Task):
         }
 
     def build(self) -> keras.Model:
-        model = models.build_language_model(self.cfg.model, self.dataset.meta, self.batch_size, self.precision)
-        return self.compile(model, models.SequenceLoss(self.steps), [])
+        fused = self.kernels == "fused"
+        meta = self.dataset.meta
+        model = models.build_language_model(self.cfg.model, meta, self.batch_size, self.precision, fused)
+        return self.compile(model, models.SequenceLoss(self.steps, fused=fused), [])
 
     def train_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         x, y = self._windows["train"]  # in order: the carried state needs consecutive windows

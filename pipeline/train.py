@@ -199,6 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             config.check_prepared(cfg.data, dataset.meta["config"])
         task = tasks.make(cfg, dataset)
         tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
+        tags["kernels"] = task.kernels  # fused or Keras' loops (trainer.kernels as resolved here)
         trial = None if cfg.search.trial is None else sweep.TrialLink(cfg.search, cfg.tracking.uri, cfg.trainer.epochs)
         if trial:
             tags.update(study=cfg.search.study, trial=trial.number)

@@ -1,0 +1,146 @@
+"""The fused training kernels compute what Keras' layers and TensorFlow's loss compute: outputs, carried states and
+gradients against the reference within float32 rounding (stated tolerances), the same training steps, and Keras'
+own loop wherever they do not apply."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import kernels, models, tasks
+from tests.conftest import LM_META, lm_cfg
+
+# float32 sums in a different order: outputs agree to a few ulps, gradients through 7 steps to ~1e-5 relative.
+OUT_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=2e-5)
+PAIRS = [
+    ("lstm", keras.layers.LSTM, kernels.FusedLSTM),
+    ("gru", keras.layers.GRU, kernels.FusedGRU),
+    ("rnn", keras.layers.SimpleRNN, kernels.FusedSimpleRNN),
+]
+
+
+def test_sparse_xent_matches_tensorflow_values_and_gradients():
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(64, 300)) * 4, tf.float32)  # spread logits: probabilities down to ~1e-12
+    labels = tf.constant(rng.integers(0, 300, 64), tf.int32)
+    weights = tf.constant(rng.normal(size=64), tf.float32)  # a gradient that differs per row
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours = kernels.sparse_xent(labels, logits)
+        reference = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        ours_sum, ref_sum = tf.reduce_sum(ours * weights), tf.reduce_sum(reference * weights)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(ours_sum, logits), tape.gradient(ref_sum, logits), rtol=1e-5, atol=1e-6)
+
+
+def run_twice(layer: keras.layers.Layer, x: tf.Tensor) -> tuple:
+    """Two consecutive windows through a stateful layer (the second starts from the first's state): outputs,
+    gradients of a loss reading both into the input and every weight, and the states after."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        first, second = layer(x, training=True), layer(x[:, ::-1], training=True)
+        loss = tf.reduce_sum(tf.sin(first) * 1.7) + tf.reduce_sum(second**2)
+    grads = tape.gradient(loss, [x, *layer.trainable_weights])
+    return (first, second), grads, [s.numpy() for s in layer.states]
+
+
+@pytest.mark.parametrize("cell,keras_layer,fused_layer", PAIRS, ids=[p[0] for p in PAIRS])
+def test_fused_layer_matches_keras_outputs_states_and_gradients(cell, keras_layer, fused_layer):
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(4, 7, 5)), tf.float32)
+    reference = keras_layer(6, return_sequences=True, stateful=True, unroll=True)
+    fused = fused_layer(6, return_sequences=True, stateful=True, unroll=True)
+    for layer in (reference, fused):
+        layer.build((4, 7, 5))
+    weights = [w + rng.normal(size=w.shape).astype("float32") * 0.3 for w in reference.get_weights()]  # biases too
+    results = []
+    for layer in (reference, fused):
+        layer.set_weights(weights)
+        for state in layer.states:
+            state.assign(np.full(state.shape, 0.1, "float32"))  # a carried state, not zeros
+        results.append(run_twice(layer, x))
+    (ref_out, ref_grads, ref_states), (out, grads, states) = results
+    for a, b in zip(out + tuple(states), ref_out + tuple(ref_states), strict=True):
+        np.testing.assert_allclose(a, b, **OUT_TOL)
+    assert len(grads) == len(ref_grads) == 4  # input, kernel, recurrent kernel, bias
+    for ours, theirs in zip(grads, ref_grads, strict=True):
+        assert np.abs(theirs).max() > 1e-3  # every gradient is really there
+        np.testing.assert_allclose(ours, theirs, **GRAD_TOL)
+
+
+def test_fused_layer_falls_back_to_keras_loop_where_it_does_not_apply():
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(3, 6, 4)), tf.float32)
+    mask = tf.constant(np.arange(6)[None, :] < np.array([[6], [4], [2]]))
+    fused = kernels.FusedLSTM(5, return_sequences=True, recurrent_dropout=0.0, unroll=True)
+    reference = keras.layers.LSTM(5, return_sequences=True, unroll=True)
+    fused.build((3, 6, 4))
+    reference.build((3, 6, 4))
+    reference.set_weights(fused.get_weights())
+    assert not fused.fusable(mask)  # a mask: Keras' loop
+    np.testing.assert_array_equal(fused(x, mask=mask), reference(x, mask=mask))
+    dropping = kernels.FusedLSTM(5, recurrent_dropout=0.3)
+    dropping.build((3, 6, 4))
+    assert not dropping.fusable(None)
+    assert fused.fusable(None)
+
+
+def lm_pair(cell: str) -> tuple[keras.Model, keras.Model]:
+    """The same 2-layer stateful language model (batch 2) built with Keras' layers and loss and with the fused ones,
+    compiled for training, from the same weights."""
+    built = []
+    for fused in (False, True):
+        keras.utils.set_random_seed(0)
+        lm = models.build_language_model(lm_cfg(cell=cell), LM_META, batch_size=2, fused=fused)
+        lm.compile(optimizer=keras.optimizers.SGD(1.0, global_clipnorm=5.0), loss=models.SequenceLoss(4, fused=fused))
+        built.append(lm)
+    return built[0], built[1]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_fused_language_model_trains_the_same_steps_as_keras(cell):
+    reference, fused = lm_pair(cell)
+    assert isinstance(fused.get_layer(f"{cell}_1"), kernels.FUSED_LAYERS[cell])
+    for a, b in zip(reference.get_weights(), fused.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # same initialisation: the fused layers are Keras' layers
+    rng = np.random.default_rng(3)
+    windows = [(rng.integers(1, 20, (2, 4)), rng.integers(1, 20, (2, 4)))] * 5  # one window, learnt step by step
+    losses = {}
+    for name, lm in (("keras", reference), ("fused", fused)):
+        losses[name] = [float(lm.train_on_batch(x, y)) for x, y in windows]  # state carried across windows
+    np.testing.assert_allclose(losses["fused"], losses["keras"], rtol=1e-5)
+    assert losses["keras"][-1] < losses["keras"][0]  # it learnt something
+    for a, b in zip(reference.get_weights(), fused.get_weights(), strict=True):  # 5 steps at lr 1.0 amplify rounding
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-5)
+
+
+def test_fused_language_model_checkpoints_and_exports_plain_keras(tmp_path):
+    _, fused = lm_pair("lstm")
+    tokens = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    fused.train_on_batch(tokens, np.array([[2, 3, 4, 5], [6, 7, 8, 9]]))
+    fused.save(tmp_path / "checkpoint.keras")  # a checkpoint reloads with the fused layers and loss, for resuming
+    reloaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    assert isinstance(reloaded.get_layer("lstm_1"), kernels.FusedLSTM) and reloaded.loss.fused
+    exported = models.build_language_model(lm_cfg(), LM_META)  # what MLflow gets: no rnnlab code needed
+    assert type(exported.get_layer("lstm_1")) is keras.layers.LSTM
+    exported.set_weights(fused.get_weights())
+    models.reset_states(fused)
+    np.testing.assert_allclose(exported(tokens), fused(tokens), **OUT_TOL)
+
+
+def test_kernels_follow_the_machine_and_the_task(monkeypatch, make_cfg):
+    monkeypatch.setattr(models, "gpu_available", lambda: False)
+    assert models.resolve_kernels("auto") == "fused"
+    assert models.resolve_kernels("keras") == "keras"
+    monkeypatch.setattr(models, "gpu_available", lambda: True)
+    assert models.resolve_kernels("auto") == "keras"  # cuDNN
+    assert models.resolve_kernels("fused") == "fused"
+    from pipeline import config, data, prepare
+
+    cfg = make_cfg("data.n_train=32", "data.n_val=16", "data.n_test=16", "trainer.kernels=fused")
+    prepare.run(cfg)
+    task = tasks.make(cfg, data.load(cfg.paths.data, cfg.data.name))
+    assert task.kernels == "keras"  # a classifier trains with Keras' layers whatever the setting
+    with pytest.raises(config.ConfigError, match="trainer.kernels"):
+        config.validate(make_cfg("trainer.kernels=fast"), "config")
