@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-integration test-full lint format ui bench server server-stop clean
+.PHONY: help setup run test test-integration test-full lint format ui bench profile server server-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ ui: setup ## the MLflow dashboard on http://127.0.0.1:5000
 
 bench: setup ## benchmark the training path against plain Keras -> reports/bench.{json,md} (after make run)
 	python -m pipeline.bench
+
+profile: setup ## where a PTB-small training step's time goes, and the matmul limit -> reports/profile.{json,md}
+	python -m pipeline.profile
 
 server: setup ## start the team tracking server: PostgreSQL + MLflow on 127.0.0.1:5001 (state in .team-server/)
 	python -m pipeline.server start

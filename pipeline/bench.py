@@ -8,7 +8,9 @@ pipeline's path (``Task.train_epoch`` plus the epoch's MLflow logging, with the 
 ``model.fit`` of the same model written as a plain Keras script, with Keras' defaults, and for a language model
 (d) the hand-tuned plain script ``pipeline/baselines/plain_tuned.py`` (unrolled stateful LSTMs, one compiled
 GradientTape step, clip, SGD, float32); the headline ratio is against the faster baseline. It also times (c) the
-pipeline's path with tracking off, and once a no-op ``dvc repro`` and each dataset's prepare stage.
+pipeline's path with tracking off, and once a no-op ``dvc repro`` and each dataset's prepare stage. Each case's
+throughput is also given as a fraction of the machine's arithmetic limit for its model (``pipeline.profile.limit``:
+every matmul of a step at the rate this machine runs that shape and dtype).
 Results: ``reports/bench.json`` and ``reports/bench.md``.
 """
 
@@ -33,7 +35,7 @@ import pandas as pd
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline import config, data, models, prepare, tasks, tracking
+from pipeline import config, data, models, prepare, profile, tasks, tracking
 from pipeline.baselines import plain_tuned
 from pipeline.train import setup_runtime
 
@@ -45,6 +47,7 @@ CASES = {  # case name -> the preset, and overrides; bench.cases picks which run
     "toy_lstm": ("toy_dynamic",),
     "ptb_small_lstm": ("ptb_small",),  # as the preset trains: precision auto
     "ptb_small_lstm_float32": ("ptb_small", "trainer.precision=float32"),
+    "ptb_small_lstm_keras_kernels": ("ptb_small", "trainer.kernels=keras"),  # Keras' loops and loss: the lever's gain
     "ptb_small_lstm_bf16_output": ("ptb_small", "trainer.precision=bfloat16_output"),  # the whole output layer
     "imdb_lstm": ("imdb_lstm",),
     "mnist_lstm": ("mnist_lstm",),
@@ -181,6 +184,7 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
             times["untracked"].append(timed(untracked_path))
             if tuned:
                 times["tuned"].append(timed(tuned))
+    bound = profile.task_limit(task)  # the machine's matmul rates at this model's shapes
     per_step = {k: [t / steps for t in v] for k, v in times.items() if v}
     rate = {k: units / statistics.median(v) for k, v in times.items() if v}
     steady = units / (steps * statistics.median(step_times.times))
@@ -196,6 +200,8 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
         "ratio_pipeline_over_keras": round(rate["pipeline"] / rate["keras"], 3),
         "plain_tuned_per_sec": round(rate["tuned"]) if "tuned" in rate else None,
         "ratio_over_fastest_baseline": round(rate["pipeline"] / fastest, 3),
+        "limit_per_sec": round(bound["per_sec"]),
+        "fraction_of_limit": round(rate["pipeline"] / bound["per_sec"], 3),
         "keras_steady_per_sec": round(steady),
         "ratio_over_keras_steady": round(rate["pipeline"] / steady, 3),
         "pipeline_step_ms_median": round(1000 * statistics.median(per_step["pipeline"]), 2),
@@ -234,6 +240,14 @@ def prepare_seconds(cfg: DictConfig, store: Path) -> dict[str, float]:
     return out
 
 
+def cpu_flags() -> str:
+    """The CPU's vector and matrix instruction sets that decide matmul speed (AVX2, AVX-512, bfloat16, AMX)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(text.split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_vp2intersect", "amx_bf16", "amx_tile")
+    return " ".join(flag for flag in wanted if flag in flags)
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -252,6 +266,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "keras": keras.__version__,
         "cpu": cpu_model(),
         "cpu_bf16": models.cpu_bf16_matmul(),
+        "cpu_flags": cpu_flags(),
         "gpu": models.gpu_available(),
         "cases": [],
     }
@@ -270,7 +285,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.reports)
     data.write_json(out / "bench.json", results)
     table = pd.DataFrame(results["cases"])
-    machine = ", ".join(filter(None, [results["cpu"], results["cpu_bf16"], "GPU" if results["gpu"] else None]))
+    machine = ", ".join(filter(None, [results["cpu"], results["cpu_flags"], "GPU" if results["gpu"] else None]))
     lines = ["# Benchmark", "", f"{machine}; Python {results['python']}, Keras {results['keras']}", ""]
     if not table.empty:
         lines += [table.to_markdown(index=False), ""]

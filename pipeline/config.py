@@ -215,6 +215,12 @@ class BenchConfig:
     pipeline_overheads: bool = MISSING
 
 
+@dataclass
+class ProfileConfig:
+    case: str = MISSING
+    steps: int = MISSING
+
+
 # One top-level config per entry point (conf/<name>.yaml), each holding only what it reads.
 
 
@@ -270,6 +276,14 @@ class BenchTop:
 
 
 @dataclass
+class ProfileTop:
+    """The profile (conf/profile.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+@dataclass
 class UIConfig:
     host: str = MISSING
     port: int = MISSING
@@ -314,6 +328,7 @@ TOP_SCHEMAS: dict[str, type] = {
     "prepare": PrepareTop,
     "report": ReportTop,
     "bench": BenchTop,
+    "profile": ProfileTop,
     "generate": GenerateConfig,
     "ui": UITop,
 }
@@ -464,6 +479,7 @@ BOUNDS: dict[str, Bound] = {
     "tracking.http_timeout": Bound(1, note=" (whole seconds)"),
     "bench.steps": COUNT,
     "bench.rounds": COUNT,
+    "profile.steps": COUNT,
     "ui.port": Bound(1, 65535),
     "search.warmup_epochs": Bound(0),
     "search.startup_trials": Bound(0),
@@ -635,6 +651,7 @@ SCHEMAS: dict[str, type] = {
         TrackingConfig,
         ReportConfig,
         BenchConfig,
+        ProfileConfig,
         *DATA_SCHEMAS.values(),
         *OPTIMIZER_SCHEMAS.values(),
     )

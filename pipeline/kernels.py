@@ -33,7 +33,8 @@ def sparse_xent(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     loss = -tf.math.log(tf.gather_nd(probs, index))
 
     def grad(dloss: tf.Tensor) -> tuple[None, tf.Tensor]:
-        return None, tf.tensor_scatter_nd_sub(probs, index, tf.ones([rows], probs.dtype)) * dloss[:, None]
+        with tf.name_scope("sparse_xent"):  # named for pipeline.profile
+            return None, tf.tensor_scatter_nd_sub(probs, index, tf.ones([rows], probs.dtype)) * dloss[:, None]
 
     return loss, grad
 

@@ -58,10 +58,11 @@ def matmul_bfloat16_grad(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     output layer's arithmetic, while the logits, the loss and the weights stay float32."""
 
     def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        dy16 = tf.cast(dy, tf.bfloat16)
-        dx = tf.matmul(dy16, tf.cast(w, tf.bfloat16), transpose_b=True)
-        dw = tf.matmul(tf.cast(x, tf.bfloat16), dy16, transpose_a=True)
-        return tf.cast(dx, x.dtype), tf.cast(dw, w.dtype)
+        with tf.name_scope("bfloat16_grad"):  # named for pipeline.profile
+            dy16 = tf.cast(dy, tf.bfloat16)
+            dx = tf.matmul(dy16, tf.cast(w, tf.bfloat16), transpose_b=True)
+            dw = tf.matmul(tf.cast(x, tf.bfloat16), dy16, transpose_a=True)
+            return tf.cast(dx, x.dtype), tf.cast(dw, w.dtype)
 
     return tf.matmul(x, w), grad
 

@@ -86,7 +86,9 @@ class Task:
         self.dataset = dataset
         self.batch_size = cfg.trainer.batch_size
         self.precision = models.resolve_precision(cfg.trainer.precision, dataset.meta["kind"])
-        lm = dataset.meta["kind"] == "language_model"  # the fused kernels are the language model's
+        # The fused kernels are the language model's: on MNIST (batch 128, 128 units, 28 steps) they measured 40%
+        # slower than Keras' loop, and masked input (IMDB, toy) needs Keras' loop.
+        lm = dataset.meta["kind"] == "language_model"
         self.kernels = models.resolve_kernels(cfg.trainer.kernels) if lm else "keras"
         self.scope = distribution_scope(cfg)
         with self.scope:

@@ -53,6 +53,8 @@ def test_bench_numbers_agree_with_each_other_and_with_the_machine(make_cfg, tmp_
     assert case["plain_tuned_per_sec"] is None  # the hand-tuned script is a language model's baseline
     assert case["ratio_over_fastest_baseline"] == case["ratio_pipeline_over_keras"]
     assert agrees(case["ratio_over_keras_steady"], case["pipeline_per_sec"] / case["keras_steady_per_sec"], rel=0.01)
+    assert agrees(case["fraction_of_limit"], case["pipeline_per_sec"] / case["limit_per_sec"], rel=0.01)
+    assert 0 < case["fraction_of_limit"] < 1  # nothing runs faster than its matmuls alone
     # The pipeline's epoch = the untracked epoch + the tracking write (>= DELAY): the overhead is that write over
     # the untracked epoch, so the untracked epoch it implies is what remains of the pipeline's epoch after it.
     pipeline_epoch = case["pipeline_step_ms_median"] * case["steps"] / 1000
