@@ -156,8 +156,8 @@ def task_limit(task: tasks.Task) -> dict[str, Any]:
 
 
 # --- the profile ---------------------------------------------------------------------------------------------------
-BOOKKEEPING = ("end: ", "ExecutorState::", "ThreadpoolListener", "ParallelFor", "Memory", "ThunkExecutor", "BlockUntilReady")
-CLIPPING_OPS = ("Square", "Sum", "Sqrt", "Maximum", "RealDiv", "AddN", "Minimum")
+BOOKKEEPING = ("end: ", "ExecutorState::", "ThreadpoolListener", "ParallelFor", "Memory", "ThunkExecutor", "BlockUntil")
+CLIPPING_OPS = ("Square", "Sum", "L2Loss", "Sqrt", "Maximum", "Minimum", "RealDiv", "Reciprocal", "AddN")
 
 
 def category(op: str, layers: list[str]) -> str:
@@ -175,7 +175,7 @@ def category(op: str, layers: list[str]) -> str:
         if re.search(rf"(^|/){re.escape(layer)}(_\d+)*/", path):
             part = "output layer" if layer == "logits" else ("embedding" if layer == "embedding" else layer)
             return f"{part} {'backward' if backward else 'forward'}"
-    if re.match(r"(sgd|adam|rmsprop)(_\d+)*/", path, re.IGNORECASE):
+    if re.match(r"(sgd|folded_clip_sgd|adam|rmsprop)(_\d+)*/", path, re.IGNORECASE):
         return "gradient clipping" if kind in CLIPPING_OPS else "optimizer update"
     return "other"
 

@@ -123,7 +123,7 @@ class Task:
     # --- shared ------------------------------------------------------------------------------------------------
     def compile(self, model: keras.Model, loss: Any, metrics: list[str]) -> keras.Model:
         model.compile(
-            optimizer=models.build_optimizer(self.cfg.optimizer),
+            optimizer=models.build_optimizer(self.cfg.optimizer, fused=self.kernels == "fused"),
             loss=loss,
             metrics=metrics,
             jit_compile=self.cfg.trainer.jit_compile,

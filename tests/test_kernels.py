@@ -144,3 +144,30 @@ def test_kernels_follow_the_machine_and_the_task(monkeypatch, make_cfg):
     assert task.kernels == "keras"  # a classifier trains with Keras' layers whatever the setting
     with pytest.raises(config.ConfigError, match="trainer.kernels"):
         config.validate(make_cfg("trainer.kernels=fast"), "config")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_folded_clipping_sgd_takes_keras_steps(momentum):
+    """Clipping folded into the learning rate: the same weights as Keras' SGD clipping every gradient, with the
+    clip binding (norm 0.5) and an embedding whose gradient is sparse, token 1 three times in the batch."""
+    tokens = np.array([[1, 2, 1, 4], [5, 1, 7, 8]])
+    targets = np.array([[2, 3, 4, 5], [6, 7, 8, 9]])
+    trained = []
+    for optimizer in (keras.optimizers.SGD, models.FoldedClipSGD):
+        keras.utils.set_random_seed(0)
+        lm = models.build_language_model(lm_cfg(), LM_META, batch_size=2, fused=True)
+        lm.compile(optimizer=optimizer(1.0, momentum=momentum, global_clipnorm=0.5), loss=models.SequenceLoss(4))
+        losses = [float(lm.train_on_batch(tokens, targets)) for _ in range(3)]
+        trained.append((losses, lm.get_weights()))
+    (ref_losses, reference), (losses, weights) = trained
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    for a, b in zip(weights, reference, strict=True):  # float32: the scale applied once instead of twice
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(weights[0], models.build_language_model(lm_cfg(), LM_META).get_weights()[0])
+
+
+def test_folded_clipping_keeps_a_non_finite_norm_visible():
+    variable = keras.Variable(np.ones(3, "float32"))
+    optimizer = models.FoldedClipSGD(1.0, global_clipnorm=1.0)
+    optimizer.apply([tf.constant([np.inf, 1.0, 1.0])], [variable])
+    assert np.isnan(variable.numpy()).all()  # as Keras: the NaN reaches the weights and the divergence guard

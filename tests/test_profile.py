@@ -54,6 +54,8 @@ def test_ops_are_attributed_to_the_model_parts():
         "lstm_lm_ptb_1/embedding_1/GatherV2:GatherV2": "embedding forward",
         "sgd_1/Square_7:Square": "gradient clipping",
         "sgd_10_1/Sum_8:Sum": "gradient clipping",  # the tenth optimizer built in this process
+        "folded_clip_sgd_1/L2Loss_8:L2Loss": "gradient clipping",
+        "folded_clip_sgd_1/AssignSubVariableOp:AssignSubVariableOp": "optimizer update",
         "sgd_1/AssignSubVariableOp:AssignSubVariableOp": "optimizer update",
         "Identity:Identity": "other",
         "lstm_lm_ptb_3/lstm_1_12/add:_MklNativeFusedMatMul": "lstm_1 forward",
