@@ -34,6 +34,19 @@ def test_sparse_xent_matches_tensorflow_values_and_gradients():
     np.testing.assert_allclose(tape.gradient(ours_sum, logits), tape.gradient(ref_sum, logits), rtol=1e-5, atol=1e-6)
 
 
+def test_sparse_xent_is_exact_where_a_probability_underflows():
+    logits = tf.constant([[0.0, 200.0, 0.0], [1.0, 2.0, 3.0]])
+    labels = tf.constant([0, 2])
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = kernels.sparse_xent(labels, logits)
+    gradient = tape.gradient(loss, logits)
+    reference = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits).numpy()
+    assert reference[0] == pytest.approx(200.0)  # probability e^-200: zero in float32
+    np.testing.assert_allclose(loss.numpy(), reference, rtol=1e-6)
+    np.testing.assert_allclose(gradient, [[-1, 1, 0], [0.090031, 0.244728, -0.334759]], atol=1e-6)
+
+
 def run_twice(layer: keras.layers.Layer, x: tf.Tensor) -> tuple:
     """Two consecutive windows through a stateful layer (the second starts from the first's state): outputs,
     gradients of a loss reading both into the input and every weight, and the states after."""
