@@ -13,10 +13,11 @@ from tests.conftest import LM_META, lm_cfg
 # float32 sums in a different order: outputs agree to a few ulps, gradients through 7 steps to ~1e-5 relative.
 OUT_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=2e-5)
+SLOWER = pytest.mark.integration  # the GRU and SimpleRNN variants: the LSTM's runs in the fast tier
 PAIRS = [
-    ("lstm", keras.layers.LSTM, kernels.FusedLSTM),
-    ("gru", keras.layers.GRU, kernels.FusedGRU),
-    ("rnn", keras.layers.SimpleRNN, kernels.FusedSimpleRNN),
+    pytest.param("lstm", keras.layers.LSTM, kernels.FusedLSTM, id="lstm"),
+    pytest.param("gru", keras.layers.GRU, kernels.FusedGRU, id="gru", marks=SLOWER),
+    pytest.param("rnn", keras.layers.SimpleRNN, kernels.FusedSimpleRNN, id="rnn", marks=SLOWER),
 ]
 
 
@@ -58,7 +59,7 @@ def run_twice(layer: keras.layers.Layer, x: tf.Tensor) -> tuple:
     return (first, second), grads, [s.numpy() for s in layer.states]
 
 
-@pytest.mark.parametrize("cell,keras_layer,fused_layer", PAIRS, ids=[p[0] for p in PAIRS])
+@pytest.mark.parametrize("cell,keras_layer,fused_layer", PAIRS)
 def test_fused_layer_matches_keras_outputs_states_and_gradients(cell, keras_layer, fused_layer):
     rng = np.random.default_rng(1)
     x = tf.constant(rng.normal(size=(4, 7, 5)), tf.float32)
@@ -111,7 +112,7 @@ def lm_pair(cell: str) -> tuple[keras.Model, keras.Model]:
     return built[0], built[1]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", pytest.param("gru", marks=SLOWER), pytest.param("rnn", marks=SLOWER)])
 def test_fused_language_model_trains_the_same_steps_as_keras(cell):
     reference, fused = lm_pair(cell)
     assert isinstance(fused.get_layer(f"{cell}_1"), kernels.FUSED_LAYERS[cell])
@@ -159,7 +160,7 @@ def test_kernels_follow_the_machine_and_the_task(monkeypatch, make_cfg):
         config.validate(make_cfg("trainer.kernels=fast"), "config")
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("momentum", [0.0, pytest.param(0.9, marks=SLOWER)])
 def test_folded_clipping_sgd_takes_keras_steps(momentum):
     """Clipping folded into the learning rate: the same weights as Keras' SGD clipping every gradient, with the
     clip binding (norm 0.5) and an embedding whose gradient is sparse, token 1 three times in the batch."""

@@ -64,6 +64,7 @@ def test_ops_are_attributed_to_the_model_parts():
         assert profile.category(prefix + op, layers) == part, op
 
 
+@pytest.mark.integration  # the profiler's trace: ~6 s
 def test_a_traced_step_of_a_tiny_language_model_has_every_part(tiny_ptb):
     cfg = tiny_ptb("trainer.precision=bfloat16_grad")
     task = tasks.make(cfg, data.load(cfg.paths.data, "ptb"))
