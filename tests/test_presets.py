@@ -46,6 +46,9 @@ def test_preset_runs_with_the_smoke_trainer(preset, real_data, tmp_path):
             "trainer.verbose=0",
             "tracking.enabled=false",
             "export=true",
+            # the 650/1,500-unit presets: Keras' loops (XLA compiling their fused loops costs CI a minute; the
+            # fused kernels run in the ptb_small/ptb_quick smoke runs and tests/test_kernels.py)
+            *(["trainer.kernels=keras"] if preset in ("ptb_medium", "ptb_large") else []),
         ]
     )
     result = train.run(cfg)
