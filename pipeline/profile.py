@@ -139,6 +139,7 @@ def limit(matmuls: list[Matmul], units_per_step: int) -> dict[str, Any]:
         for (m, k, n, dtype, count), rate in rates.items()
     ]
     return {
+        "units_per_step": units_per_step,
         "per_sec": units_per_step / sum(s for _, s in seconds),
         "gflop_per_step": sum(mm.flops for mm in matmuls) / 1e9,
         "parts": dict(parts),
@@ -263,7 +264,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         measured = profile_task(task, cfg.profile.steps)
     bound = task_limit(task)
     frame = table(measured, bound)
-    per_step = task.batch_size * (task.steps if task.unit == "tokens" else 1)
+    per_step = bound["units_per_step"]
     results = {
         "case": cfg.profile.case,
         "cpu": bench.cpu_model(),
