@@ -20,26 +20,37 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+TINY = 1e-30  # probabilities below this take the exact, slower loss (float32 keeps 7 digits down to 1e-38)
+
 
 @tf.custom_gradient
 def sparse_xent(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     """Per-row cross-entropy of float32 ``logits`` (rows, classes) against int ``labels`` (rows,), as
     ``tf.nn.sparse_softmax_cross_entropy_with_logits`` computes it; one softmax serves the loss and the gradient
-    (about 4x faster on a 2-core CPU for 400 x 10,000 logits: 2.0 against 8.8 ms). The loss is ``logsumexp - z_y``
-    with ``logsumexp = max z - log(max p)`` (the largest probability never underflows), so a label whose
-    probability underflows float32 still gets its exact, large loss and the divergence guard sees it."""
+    (about 4x faster on a 2-core CPU for 400 x 10,000 logits: 2.0 against 8.8 ms). The loss is ``-log p_y``; the
+    rare rows whose label's probability underflows take ``logsumexp(z) - z_y``, so that they still get their exact,
+    large loss and the divergence guard sees it."""
     labels = tf.cast(labels, tf.int32)
     probs = tf.nn.softmax(logits)
-    rows = tf.shape(logits)[0]
-    index = tf.stack([tf.range(rows), labels], axis=1)
-    logsumexp = tf.reduce_max(logits, axis=1) - tf.math.log(tf.reduce_max(probs, axis=1))
-    loss = logsumexp - tf.gather_nd(logits, index)
+    index = tf.stack([tf.range(tf.shape(logits)[0]), labels], axis=1)
+    p_y = tf.gather_nd(probs, index)
+    small = tf.where(p_y < TINY)[:, 0]  # usually none
+    exact = tf.reduce_logsumexp(tf.gather(logits, small), axis=1) - tf.gather(tf.gather_nd(logits, index), small)
+    loss = tf.tensor_scatter_nd_update(-tf.math.log(tf.maximum(p_y, TINY)), small[:, None], exact)
 
     def grad(dloss: tf.Tensor) -> tuple[None, tf.Tensor]:
         with tf.name_scope("sparse_xent"):  # named for pipeline.profile
-            return None, tf.tensor_scatter_nd_sub(probs, index, tf.ones([rows], probs.dtype)) * dloss[:, None]
+            return None, _xent_grad(probs, labels, dloss)
 
     return loss, grad
+
+
+@tf.function(jit_compile=True)
+def _xent_grad(probs, labels, dloss):
+    """(softmax - onehot) * dloss in one pass over the logits (XLA fuses it: half the time of a scatter and a
+    multiply, each of which reads and writes all 400 x 10,000 of them)."""
+    classes = tf.range(tf.shape(probs)[1])
+    return (probs - tf.cast(classes[None, :] == labels[:, None], probs.dtype)) * dloss[:, None]
 
 
 # --- LSTM (Keras gate order i, f, c, o) -----------------------------------------------------------------------------
@@ -59,15 +70,17 @@ def _lstm_forward(xz, h, c, rk):
 
 
 def _lstm_backward(dout, dh, dc, rk, hprev, cprev, saved):
+    """The gates' local derivatives are computed for all steps at once, outside the sequential loop, which then
+    carries only dh and dc (about 20% faster than computing them step by step)."""
+    i, f, g, o, tc = tf.split(saved, 5, axis=2)
+    dc_dh = o * (1 - tc * tc)
+    dz_dc = tf.concat([g * i * (1 - i), cprev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], axis=2)
     dzs = []
     for t in reversed(range(dout.shape[0])):
-        i, f, g, o, tc = tf.split(saved[t], 5, axis=1)
         dh = dh + dout[t]
-        dc = dc + dh * o * (1 - tc * tc)
-        dz = tf.concat(
-            [dc * g * i * (1 - i), dc * cprev[t] * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=1
-        )
-        dc = dc * f
+        dc = dc + dh * dc_dh[t]
+        dz = tf.concat([dc, dc, dc, dh], axis=1) * dz_dc[t]  # the o gate's last quarter is dh * (tc * o * (1 - o))
+        dc = dc * f[t]
         dh = tf.matmul(dz, rk, transpose_b=True)
         dzs.append(dz)
     dz = tf.stack(dzs[::-1])
@@ -111,18 +124,20 @@ def _gru_forward(xz, h, rk, rb):
 
 
 def _gru_backward(dout, dh, rk, hprev, saved):
-    dxs, dinners = [], []
+    """As the LSTM's: the local derivatives for all steps at once, and the loop carries only dh."""
+    z, r, hh, rh = tf.split(saved, 4, axis=2)
+    dah_dh = (1 - z) * (1 - hh * hh)
+    daz_dh, dar_dh = (hprev - hh) * z * (1 - z), dah_dh * rh * r * (1 - r)
+    dinner_dh = tf.concat([daz_dh, dar_dh, dah_dh * r], axis=2)  # into the recurrent matmul's output (z, r, h)
+    dinners, dhs = [], []
     for t in reversed(range(dout.shape[0])):
-        z, r, hh, rh = tf.split(saved[t], 4, axis=1)
         dh = dh + dout[t]
-        dah = dh * (1 - z) * (1 - hh * hh)
-        daz = dh * (hprev[t] - hh) * z * (1 - z)
-        dar = dah * rh * r * (1 - r)
-        dinner = tf.concat([daz, dar, dah * r], axis=1)
-        dxs.append(tf.concat([daz, dar, dah], axis=1))
+        dinner = tf.concat([dh, dh, dh], axis=1) * dinner_dh[t]
         dinners.append(dinner)
-        dh = dh * z + tf.matmul(dinner, rk, transpose_b=True)
-    dx, dinner = tf.stack(dxs[::-1]), tf.stack(dinners[::-1])
+        dhs.append(dh)
+        dh = dh * z[t] + tf.matmul(dinner, rk, transpose_b=True)
+    dinner, dhs = tf.stack(dinners[::-1]), tf.stack(dhs[::-1])
+    dx = tf.concat([dhs * daz_dh, dhs * dar_dh, dhs * dah_dh], axis=2)  # into the input projections
     return dx, dh, _steps_matmul(hprev, dinner), tf.reduce_sum(dinner, axis=[0, 1])
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 import tempfile
 import time
@@ -182,8 +183,9 @@ def category(op: str, layers: list[str]) -> str:
 
 
 def op_times(trace: Path, layers: list[str]) -> dict[str, float]:
-    """Seconds per category summed over a trace folder's host ops; XLA-compiled code (the fused recurrent loops)
-    counted from its executables' events."""
+    """Seconds per category summed over a trace folder's host ops; XLA-compiled code counted from its executables'
+    events: the recurrent loops, or the loss gradient (``kernels._xent_grad``), told apart by whether the HLO ops
+    traced inside run a matmul (``XLA_TRACEME``; without it all XLA time counts as the loops)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2  # TensorFlow's own copy of the trace format
 
     space = xplane_pb2.XSpace()
@@ -194,13 +196,35 @@ def op_times(trace: Path, layers: list[str]) -> dict[str, float]:
     for line in plane.lines:
         if not line.name.startswith("tf_Compute"):
             continue
-        for event in line.events:
+        events = sorted(line.events, key=lambda e: e.offset_ps)
+        for at, event in enumerate(events):
             name = names[event.metadata_id]
             if name.startswith("CpuExecutable::ExecuteAsyncOnStream"):
-                totals["recurrent loops (XLA)"] += event.duration_ps / 1e12
+                totals[xla_part(names[e.metadata_id] for e in inside(events, at))] += event.duration_ps / 1e12
             elif ":" in name and not name.startswith(BOOKKEEPING):
                 totals[category(name, layers)] += event.duration_ps / 1e12
     return dict(totals)
+
+
+XLA_TRACEME = "--xla_cpu_enable_xprof_traceme=true"  # XLA_FLAGS: XLA's CPU code traces each HLO op it runs
+
+
+def inside(events: list, at: int):
+    """The events that start after ``events[at]`` (sorted by start) and end within it."""
+    end = events[at].offset_ps + events[at].duration_ps
+    for event in events[at + 1 :]:
+        if event.offset_ps >= end:
+            return
+        if event.offset_ps + event.duration_ps <= end:
+            yield event
+
+
+def xla_part(hlo_ops) -> str:
+    """The part an XLA executable belongs to, from the names of the HLO ops traced inside it."""
+    ops = list(hlo_ops)
+    if ops and not any("MatMul" in op or op.startswith("dot") for op in ops):
+        return "softmax cross-entropy"  # the only XLA code without a matmul: the loss gradient
+    return "recurrent loops (XLA)"
 
 
 def profile_task(task: tasks.Task, steps: int) -> dict[str, Any]:
@@ -255,6 +279,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from pipeline import bench  # the cases and machine description are the bench's
 
     config.validate(cfg, "profile")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TRACEME}".strip()  # before XLA compiles
     if cfg.profile.case not in bench.CASES:
         raise ValueError(f"profile.case: unknown case {cfg.profile.case!r}; choose from {', '.join(bench.CASES)}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -64,6 +64,16 @@ def test_ops_are_attributed_to_the_model_parts():
         assert profile.category(prefix + op, layers) == part, op
 
 
+def test_xla_executables_are_told_apart_by_the_hlo_ops_traced_inside():
+    assert profile.xla_part(["MemoryAllocation", "broadcast_multiply_fusion", "BlockUntilReady"]) == (
+        "softmax cross-entropy"  # kernels._xent_grad: one fusion
+    )
+    assert profile.xla_part(["ThunkExecutor::Execute", "MatMul_20.2", "bitcast_add_fusion.19"]) == (
+        "recurrent loops (XLA)"
+    )
+    assert profile.xla_part([]) == "recurrent loops (XLA)"  # traced without XLA_TRACEME: nothing inside
+
+
 @pytest.mark.integration  # the profiler's trace: ~6 s
 def test_a_traced_step_of_a_tiny_language_model_has_every_part(tiny_ptb):
     cfg = tiny_ptb("trainer.precision=bfloat16_grad")
