@@ -4,11 +4,14 @@ A profile of a PTB-small step (README, Speed) found the time in three places: Te
 cross-entropy (one slow op over the 400 x 10,000 logits), the recurrent layers' hundreds of small per-step ops and the
 gradient sums between them, and the output layer's matmuls. Here:
 
-- ``sparse_xent``: the loss from oneDNN's softmax, its gradient ``softmax - onehot`` from the same softmax.
+- ``sparse_xent``: the loss from oneDNN's softmax; its gradient, ``(softmax - onehot)`` times the upstream gradient,
+  from the same softmax in one XLA-fused pass.
 - ``FusedLSTM`` / ``FusedGRU`` / ``FusedSimpleRNN``: Keras' layers (same weights, initialisation, config, states)
   whose training loop is hand-written back-propagation through time: the input projections of all time steps in
   one matmul, only the recurrent matmul inside the loop, the loops compiled by XLA (which fuses each step's
-  elementwise ops), the recurrent kernel's gradient as one matmul over all steps instead of a sum of per-step ones.
+  elementwise ops), the recurrent kernel's gradient as one matmul over all steps instead of a sum of per-step ones,
+  and the backward loop carrying only the state's gradients (the gates' local derivatives computed for all steps
+  before it).
 
 Anything these do not cover (masks, recurrent dropout, other activations, a GPU) falls back to Keras' own loop.
 """

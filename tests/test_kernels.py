@@ -48,6 +48,16 @@ def test_sparse_xent_is_exact_where_a_probability_underflows():
     np.testing.assert_allclose(gradient, [[-1, 1, 0], [0.090031, 0.244728, -0.334759]], atol=1e-6)
 
 
+@pytest.mark.parametrize("nats", [60.0, 68.0, 69.5, 80.0])  # either side of the 1e-30 (69.08 nats) switch
+def test_sparse_xent_is_exact_on_both_sides_of_its_switch_to_logsumexp(nats):
+    logits = tf.constant([[0.0, nats, 0.0], [nats, 0.0, 1.0]])
+    labels = tf.constant([0, 1])
+    loss = kernels.sparse_xent(labels, logits).numpy()
+    reference = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits).numpy()
+    np.testing.assert_allclose(loss, reference, rtol=1e-6)
+    assert loss == pytest.approx([nats, nats], rel=1e-6)
+
+
 def run_twice(layer: keras.layers.Layer, x: tf.Tensor) -> tuple:
     """Two consecutive windows through a stateful layer (the second starts from the first's state): outputs,
     gradients of a loss reading both into the input and every weight, and the states after."""
