@@ -590,8 +590,11 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
         if stopped and child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, status="KILLED")
     # A job is a (config_id, seed): a resumed sweep may hold a KILLED attempt of it beside the run that finished it.
+    # A KILLED attempt stopped before its run was tagged cannot be told which job it was: the jobs launched count it.
     attempts = {}
     for child in children:
+        if not _tagged(child) and client.get_run(child.info.run_id).info.status == "KILLED":
+            continue
         attempts.setdefault(_job_key(child), set()).add(client.get_run(child.info.run_id).info.status)
     finished = sum("FINISHED" in states for states in attempts.values())
     failed = sum("FINISHED" not in states and "FAILED" in states for states in attempts.values())
@@ -618,6 +621,10 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
     client.set_terminated(parent_id, status=status)
     log.info("sweep %s: %d of %d jobs FINISHED, %d FAILED (parent %s)", status, finished, jobs, failed, parent_id)
     return status
+
+
+def _tagged(run) -> bool:
+    return "study" in run.data.tags or "config_id" in run.data.tags
 
 
 def _job_key(run) -> tuple[str, str]:

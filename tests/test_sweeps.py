@@ -478,6 +478,12 @@ def test_a_search_with_a_diverged_trial_finishes_a_grid_with_a_failed_job_does_n
     child(client, grid, "FINISHED", config_id="a", seed="1")
     child(client, grid, "FAILED", config_id="a", seed="2")
     assert tracking.finish_sweep(grid, 2, uri=mlflow_store) == "FAILED"
+    resumed = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+    child(client, resumed, "KILLED")  # SIGTERM'd before its tags were logged: which job it was is unknown
+    child(client, resumed, "FINISHED", config_id="a", seed="1")
+    child(client, resumed, "FINISHED", config_id="a", seed="2")
+    assert tracking.finish_sweep(resumed, 2, uri=mlflow_store) == "FINISHED"
+    assert client.get_run(resumed).data.metrics["sweep/jobs"] == 2
     empty = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
     assert tracking.finish_sweep(empty, 0, uri=mlflow_store) == "EMPTY"  # a complete search, run again
     assert client.get_run(empty).info.lifecycle_stage == "deleted"
