@@ -128,10 +128,18 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
 
 
 def label(row: pd.Series, varying: list[str]) -> str:
-    """``GRU``, or ``GRU units=149`` where more than the cell varies."""
+    """``GRU``, or ``GRU units=149`` where more than the cell varies. A setting and its resolved value that agree
+    (``trainer.precision`` and ``precision``) show once; two different keys with one short name show in full."""
     cell = CELL_NAMES.get(row["cell"], row["cell"] or "?")
-    extra = ", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varying if c not in NOT_IN_LABEL)
-    return f"{cell} {extra}".strip()
+    pieces: list[str] = []
+    names: set[str] = set()
+    for c in (c for c in varying if c not in NOT_IN_LABEL):
+        short = c.split(".")[-1]
+        piece = f"{short if short not in names else c.removeprefix('params.')}={row[c]}"
+        if f"{short}={row[c]}" not in pieces:
+            pieces.append(piece)
+        names.add(short)
+    return f"{cell} {', '.join(pieces)}".strip()
 
 
 def aggregate(runs: pd.DataFrame, objective: Objective) -> pd.DataFrame:
@@ -166,28 +174,37 @@ def p_text(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def compare_pair(runs: pd.DataFrame, config_id: str, best_id: str) -> tuple[float, str]:
-    """(p, how) for one configuration against the best, on the test metric: paired over matching seeds when at
-    least ``MIN_SEEDS`` match, else Welch's t-test; NaN when either side has fewer than ``MIN_SEEDS`` seeds."""
+def compare_pair(runs: pd.DataFrame, config_id: str, best_id: str) -> tuple[float, str, tuple[float, float, float]]:
+    """(p, how, (difference, low, high)) for one configuration against the best, on the test metric: paired over
+    matching seeds when at least ``MIN_SEEDS`` match, else Welch's t-test; the mean difference (this minus the best)
+    with its 95% interval, so a reader sees how large a difference the seeds rule out. NaNs when either side has
+    fewer than ``MIN_SEEDS`` seeds."""
     a = runs[runs["config_id"] == config_id].set_index("seed")["test"]
     b = runs[runs["config_id"] == best_id].set_index("seed")["test"]
     common = a.index.intersection(b.index)
     if len(common) >= MIN_SEEDS:
         diff = a[common] - b[common]
         if np.allclose(diff, diff.iloc[0]):  # a constant difference: zero variance, t undefined
-            return (1.0 if diff.iloc[0] == 0 else 0.0), "paired"
-        return float(stats.ttest_rel(a[common], b[common]).pvalue), "paired"
-    if len(a) >= MIN_SEEDS and len(b) >= MIN_SEEDS:
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue), "Welch"
-    return math.nan, ""
+            d = float(diff.iloc[0])
+            return (1.0 if d == 0 else 0.0), "paired", (d, d, d)
+        result, mean = stats.ttest_rel(a[common], b[common]), float(diff.mean())
+        how = "paired"
+    elif len(a) >= MIN_SEEDS and len(b) >= MIN_SEEDS:
+        result, mean = stats.ttest_ind(a, b, equal_var=False), float(a.mean() - b.mean())
+        how = "Welch"
+    else:
+        return math.nan, "", (math.nan, math.nan, math.nan)
+    ci = result.confidence_interval(CONFIDENCE)
+    return float(result.pvalue), how, (mean, float(ci.low), float(ci.high))
 
 
 def judge(runs: pd.DataFrame, table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
-    """Add ``p`` (Holm-adjusted), ``test`` (which test) and ``verdict`` to each row: "best", "not distinguishable
+    """Add ``p`` (Holm-adjusted), ``test`` (which test), ``diff_mean`` / ``diff_ci_low`` / ``diff_ci_high`` (the test
+    metric minus the best's, 95% interval, not adjusted) and ``verdict`` to each row: "best", "not distinguishable
     from best (p = ...)", "worse (p = ...)", "better on test (p = ...)" or "needs >= 3 seeds"."""
     best_id = table["config_id"].iloc[0]
     tested = [compare_pair(runs, cid, best_id) for cid in table["config_id"].iloc[1:]]
-    raw = [p for p, _ in tested]
+    raw = [p for p, _, _ in tested]
     valid = [i for i, p in enumerate(raw) if not math.isnan(p)]
     adjusted = [math.nan] * len(raw)
     if valid:
@@ -196,7 +213,7 @@ def judge(runs: pd.DataFrame, table: pd.DataFrame, objective: Objective) -> pd.D
             adjusted[i] = float(p)
     best_mean = table["test_mean"].iloc[0]
     verdicts = ["best"]
-    for (p, _), row in zip(zip(adjusted, tested, strict=True), table.iloc[1:].itertuples(), strict=True):
+    for p, row in zip(adjusted, table.iloc[1:].itertuples(), strict=True):
         if math.isnan(p):
             verdicts.append(f"needs >= {MIN_SEEDS} seeds")
         elif p >= ALPHA:
@@ -206,7 +223,9 @@ def judge(runs: pd.DataFrame, table: pd.DataFrame, objective: Objective) -> pd.D
         else:
             verdicts.append(f"worse ({p_text(p)})")
     table["p"] = [math.nan, *adjusted]
-    table["test"] = ["", *[how for _, how in tested]]
+    table["test"] = ["", *[how for _, how, _ in tested]]
+    for i, key in enumerate(("diff_mean", "diff_ci_low", "diff_ci_high")):  # this minus the best, on test
+        table[key] = [0.0, *[d[i] for _, _, d in tested]]
     table["verdict"] = verdicts
     return table
 

@@ -180,7 +180,7 @@ def shown(table: pd.DataFrame, objective: compare.Objective) -> pd.DataFrame:
         )
 
     fixed = {"label", "config_id", "params", "n", "seeds", "s_per_epoch", "p", "test", "verdict"}
-    varying = [c for c in table.columns if c not in fixed and not c.startswith(("test_", "val_"))]
+    varying = [c for c in table.columns if c not in fixed and not c.startswith(("test_", "val_", "diff_"))]
     out = table[["label", *varying]].copy()
     out["params"] = table["params"].astype("Int64")
     out["seeds"] = table["n"]
@@ -188,6 +188,10 @@ def shown(table: pd.DataFrame, objective: compare.Objective) -> pd.DataFrame:
     out[f"best val {objective.metric}"], out["val 95% CI"] = pm("val"), ci("val")
     out["s/epoch"] = table["s_per_epoch"].round(1)
     out["vs best (test)"] = table["verdict"]
+    out["difference [95% CI]"] = table.apply(
+        lambda r: f"{r.diff_mean:+.{digits}f} [{r.diff_ci_low:+.{digits}f}, {r.diff_ci_high:+.{digits}f}]", axis=1
+    )
+    out.loc[0, "difference [95% CI]"] = ""  # the best itself
     return out.replace("nan", "–", regex=True)
 
 

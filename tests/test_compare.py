@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import compare, models, sweep, tracking
+from pipeline import compare, models, report, sweep, tracking
 from tests.conftest import CONF, compose_config
 
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # Student's t, 97.5% quantile, by degrees of freedom
@@ -72,6 +72,14 @@ def test_aggregation_gives_exact_means_stds_intervals_and_a_paired_verdict(store
     p = 2 * (1 - __import__("scipy").stats.t.cdf(0.11 / (0.01 / math.sqrt(3)), 2))
     assert table.iloc[1]["p"] == pytest.approx(p) and table.iloc[1]["test"] == "paired"
     assert table.iloc[1]["verdict"] == f"worse ({compare.p_text(p)})" and a["verdict"] == "best"
+    # The difference B - A with its paired 95% interval: -0.11 +- t(0.975, 2) * 0.01 / sqrt 3.
+    b, half = table.iloc[1], T_975[2] * 0.01 / math.sqrt(3)
+    assert (b["diff_mean"], b["diff_ci_low"], b["diff_ci_high"]) == pytest.approx((-0.11, -0.11 - half, -0.11 + half))
+    assert (a["diff_mean"], a["diff_ci_low"], a["diff_ci_high"]) == (0.0, 0.0, 0.0)
+    assert list(report.shown(table, ACC)["difference [95% CI]"]) == [
+        "",
+        f"-0.1100 [{-0.11 - half:+.4f}, {-0.11 + half:+.4f}]",
+    ]
     line = compare.headline("toy", table, ACC)
     assert line.startswith("toy, 3 seeds each (test accuracy, mean ± std): LSTM 0.820 ± 0.020 is best")
     assert "SimpleRNN is worse by 0.110 (p = 0.003)" in line
@@ -111,6 +119,17 @@ def test_rows_group_by_config_id_and_never_mix_configurations(store):
     assert table.set_index("n").loc[2, "verdict"] == "needs >= 3 seeds"
 
 
+def test_a_label_names_each_varying_setting_once():
+    row = pd.Series({"cell": "lstm", "params.precision": "float32", "params.trainer.precision": "float32"})
+    assert compare.label(row, ["params.precision", "params.trainer.precision"]) == "LSTM precision=float32"
+    row["params.trainer.precision"] = "auto"  # requested auto, resolved float32: both, the second one in full
+    assert compare.label(row, ["params.precision", "params.trainer.precision"]) == (
+        "LSTM precision=float32, trainer.precision=auto"
+    )
+    row = pd.Series({"cell": "gru", "params.model.units": 149, "params.model.param_budget": 81674})
+    assert compare.label(row, ["params.model.param_budget", "params.model.units"]) == "GRU units=149"
+
+
 def test_fewer_than_three_seeds_ask_for_more_instead_of_a_p_value(store):
     uri, client, exp = store
     for seed in (1, 2):
@@ -119,6 +138,16 @@ def test_fewer_than_three_seeds_ask_for_more_instead_of_a_p_value(store):
     _, table = aggregate_store(uri)
     assert list(table["verdict"]) == ["best", "needs >= 3 seeds"] and math.isnan(table["p"].iloc[1])
     assert "run at least 3 seeds to compare" in compare.headline("toy", table, ACC)
+
+
+def test_seeds_that_do_not_match_compare_by_welch_with_its_interval():
+    runs = pd.DataFrame({"config_id": ["a"] * 3 + ["b"] * 3, "seed": [1, 2, 3, 4, 5, 6], "test": [1, 2, 3, 2, 4, 6.0]})
+    p, how, (diff, low, high) = compare.compare_pair(runs, "a", "b")
+    va, vb = 1.0 / 3, 4.0 / 3  # variances of the means: 1/3 and 4/3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)  # Welch-Satterthwaite
+    half = __import__("scipy").stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert how == "Welch" and diff == -2.0 and (low, high) == pytest.approx((-2.0 - half, -2.0 + half))
+    assert 0.05 < p < 1
 
 
 def test_anchor_rows_say_reproduced_better_or_worse():
