@@ -6,6 +6,7 @@ python -m pipeline.report report.include_capped=true   # runs with a capped eval
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -378,8 +379,15 @@ def store_name(cfg: DictConfig) -> str:
     return uri
 
 
+def code_digest() -> str:
+    """sha256 of the code that computes and renders the report: a new rnnlab redoes a report of the same runs."""
+    sources = (Path(__file__), Path(compare.__file__))
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
+
+
 def up_to_date(out: Path, index: dict) -> bool:
-    """The report in ``out`` was made from exactly these runs and all its files are there: nothing to redo."""
+    """The report in ``out`` was made from exactly these runs by this code and all its files are there: nothing to
+    redo."""
     try:
         previous = json.loads((out / INDEX).read_text())
     except (OSError, ValueError):
@@ -403,6 +411,7 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
     index = {
         "store": store_name(cfg),
         "experiments": cfg.report.experiments,
+        "code": code_digest(),
         "runs": sorted(f"{r.run_id} {r.end_time}" for r in runs.itertuples()) if not runs.empty else [],
     }
     if up_to_date(out, index):

@@ -152,7 +152,7 @@ def test_the_report_removes_what_it_no_longer_reports(store, make_cfg, tmp_path)
 
 def test_a_report_from_the_same_runs_is_not_redone(store, make_cfg, tmp_path):
     """The report stage always runs in `dvc repro` (DVC cannot see the store): with no new finished run it keeps
-    its files; a run finishing since makes it redo them."""
+    its files; a run finishing since, or a change of the report's code, makes it redo them."""
     cfg = make_cfg(top="report")
     assert sorted(report.run(cfg)) == ["ptb", "toy"]
     readme = tmp_path / "reports" / "README.md"
@@ -164,6 +164,10 @@ def test_a_report_from_the_same_runs_is_not_redone(store, make_cfg, tmp_path):
     add_run(client, toy, "toy-bigru", "gru", 25000, [0.98], 0.9)
     assert list(report.run(cfg)["toy"]["run"]) == ["toy-bigru", "toy-lstm", "toy-gru", "toy-rnn"]
     assert "| toy-bigru " in readme.read_text()
+    index = tmp_path / "reports" / report.INDEX  # made by an older rnnlab: the same runs, other code
+    index.write_text(index.read_text().replace(report.code_digest(), "0" * 16))
+    assert sorted(report.run(cfg)) == ["ptb", "toy"]
+    assert report.run(cfg) == {}
 
 
 @pytest.mark.integration  # 12 constructed runs on 3 datasets and every figure: seconds the fast tier cannot spare
