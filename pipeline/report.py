@@ -6,7 +6,6 @@ python -m pipeline.report report.include_capped=true   # runs with a capped eval
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -381,8 +380,7 @@ def store_name(cfg: DictConfig) -> str:
 
 def code_digest() -> str:
     """sha256 of the code that computes and renders the report: a new rnnlab redoes a report of the same runs."""
-    sources = (Path(__file__), Path(compare.__file__))
-    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
+    return data.digest_files([Path(__file__), Path(compare.__file__)])[:16]
 
 
 def up_to_date(out: Path, index: dict) -> bool:
