@@ -7,13 +7,23 @@ for every configuration, so runs pair up by seed (same initial weights draw, sam
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import itertools
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
@@ -382,11 +392,6 @@ def cluster_jobs(sweep_dir: str | Path) -> list[str]:
 def cancel_cluster_jobs(sweep_dir: str | None = None) -> None:
     """An interrupted sweep cancels the cluster jobs it submitted, and waits for them to end, so a rerun finds
     their runs KILLED with checkpoints (not still training) and nothing trains on unseen."""
-    import os
-    import shutil
-    import subprocess
-    import time
-
     sweep_dir = sweep_dir or os.environ.get(SWEEP_DIR_ENV)
     jobs = cluster_jobs(sweep_dir) if sweep_dir else []
     if not jobs or not shutil.which("scancel"):
@@ -400,3 +405,241 @@ def cancel_cluster_jobs(sweep_dir: str | None = None) -> None:
             return
         time.sleep(1)
     log.warning("SLURM jobs %s are still listed %.0f s after scancel", ", ".join(jobs), CANCEL_WAIT)
+
+
+# --- a SLURM request no node can meet ------------------------------------------------------------------------------
+# SLURM queues such a job forever (pending, reason PartitionConfig) and submitit waits on it forever: refuse it first.
+
+SLURM_LAUNCHER = "SlurmLauncher"  # hydra-submitit-launcher's class for hydra/launcher=slurm
+SCONTROL_TIMEOUT = 30.0  # seconds; a controller that does not answer means no check, not a stuck sweep
+UNLIMITED = ("UNLIMITED", "INFINITE")
+_GPUS = re.compile(r"\bgpu(?::[^:,(\s]+)?:(\d+)")  # Gres=gpu:4, gpu:a100:4(S:0-1), gpu:v100:2,mps:100
+
+
+@dataclass(frozen=True)
+class Partition:
+    """What a SLURM partition offers one job: its biggest node's CPUs, memory and GPUs, its node and time limits."""
+
+    name: str
+    cpus: int | None  # None: no node of it is known (nothing to compare)
+    mem_mb: int | None
+    gpus: int | None
+    nodes: int | None  # the most nodes one job may have (MaxNodes, TotalNodes)
+    max_time: str  # MaxTime as scontrol prints it: UNLIMITED, 02:00:00, 1-00:00:00
+
+
+def scontrol_records(text: str) -> list[dict[str, str]]:
+    """``scontrol show partition|node -o``: one record per line of ``Key=Value`` fields. Free-text values (OS=,
+    Reason=) hold spaces; their later words are dropped, and nothing here reads them."""
+    records = []
+    for line in text.splitlines():
+        fields: dict[str, str] = {}
+        for word in line.split():
+            key, sep, value = word.partition("=")
+            if sep:
+                fields.setdefault(key, value)
+        if fields:
+            records.append(fields)
+    return records
+
+
+def slurm_minutes(text: str) -> float:
+    """A SLURM time limit (``UNLIMITED``, ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in minutes."""
+    if text.upper() in UNLIMITED:
+        return math.inf
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def _count(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
+def find_partition(partitions: list[dict[str, str]], nodes: list[dict[str, str]], name: str | None) -> Partition:
+    """The partition a job goes to (``None``: the cluster's default, ``Default=YES``), from scontrol's records."""
+    names = ", ".join(p["PartitionName"] for p in partitions if p.get("Hidden") != "YES")
+    if name is None:
+        found = [p for p in partitions if p.get("Default") == "YES"]
+        if not found:
+            raise SweepError(
+                f"hydra.launcher.partition=null: this cluster has no default partition; set one of: {names}"
+            )
+    else:
+        found = [p for p in partitions if p.get("PartitionName") == name]
+        if not found:
+            raise SweepError(
+                f"hydra.launcher.partition={name!r}: no such partition on this cluster; set one of: {names}"
+            )
+    part = found[0]
+    members = [n for n in nodes if part["PartitionName"] in n.get("Partitions", "").split(",")]
+    # CPUEfctv (SLURM 22.05+): the CPUs jobs may use, less those reserved for the system (CpuSpecList).
+    cpus = [_count(n.get("CPUEfctv") or n.get("CPUTot")) or 0 for n in members]
+    limits = [c for c in (_count(part.get("MaxNodes")), _count(part.get("TotalNodes"))) if c is not None]
+    return Partition(
+        name=part["PartitionName"],
+        cpus=max(cpus) if members else None,
+        mem_mb=max(_count(n.get("RealMemory")) or 0 for n in members) if members else None,
+        gpus=max(sum(map(int, _GPUS.findall(n.get("Gres", "")))) for n in members) if members else None,
+        nodes=min(limits) if limits else None,
+        max_time=part.get("MaxTime", "UNLIMITED"),
+    )
+
+
+def request_problems(launcher: Mapping[str, Any], part: Partition) -> list[str]:
+    """What a job of ``hydra.launcher`` asks that ``part`` can never give, each with the value that fits."""
+    tasks = launcher.get("tasks_per_node") or 1
+    where = f"any node of partition {part.name!r} has"
+    checks = [  # (setting, value asked, most that fits, what is too much)
+        ("tasks_per_node", tasks, part.cpus, f"asks for more CPUs than {where} ({part.cpus})"),
+        (
+            "cpus_per_task",
+            launcher.get("cpus_per_task"),
+            None if part.cpus is None else part.cpus // tasks,
+            f"asks for more CPUs than {where} ({part.cpus})" + (f" for {tasks} tasks" if tasks > 1 else ""),
+        ),
+        (
+            "mem_gb",
+            launcher.get("mem_gb"),
+            None if part.mem_mb is None else part.mem_mb // 1024,
+            f"asks for more memory than {where} ({part.mem_mb} MB)",
+        ),
+        ("gpus_per_node", launcher.get("gpus_per_node"), part.gpus, f"asks for more GPUs than {where} ({part.gpus})"),
+        (
+            "nodes",
+            launcher.get("nodes"),
+            part.nodes,
+            f"asks for more nodes than partition {part.name!r} allows ({part.nodes})",
+        ),
+        (
+            "timeout_min",
+            launcher.get("timeout_min"),
+            slurm_minutes(part.max_time),
+            f"is longer than partition {part.name!r} allows (MaxTime={part.max_time})",
+        ),
+    ]
+    problems = []
+    for key, asked, fits, why in checks:
+        if asked is not None and fits is not None and asked > fits:
+            more = " (or less)" if fits else ""
+            problems.append(f"hydra.launcher.{key}={asked} {why}: set hydra.launcher.{key}={int(fits)}{more}")
+    return problems
+
+
+def _scontrol(*args: str) -> str:
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT, check=True)
+    return done.stdout
+
+
+def check_slurm_request(launcher: Mapping[str, Any]) -> None:
+    """Before a SLURM sweep submits anything: raise ``SweepError`` (one line, the setting and the value that fits)
+    when its jobs ask what the partition can never give. Without a working ``scontrol``: a warning, no check."""
+    if not str(launcher.get("_target_", "")).endswith(SLURM_LAUNCHER):
+        return
+    name = launcher.get("partition")
+    if name is not None and "," in str(name):
+        return  # several partitions: SLURM takes the first that can run the job; not compared here
+    try:  # --all: hidden partitions too (a job may name one)
+        partitions = scontrol_records(_scontrol("--all", "show", "partition", "-o"))
+        nodes = scontrol_records(_scontrol("--all", "show", "node", "-o"))
+    except (OSError, subprocess.SubprocessError) as err:
+        failed = isinstance(err, subprocess.CalledProcessError) and err.stderr.strip()
+        why = (failed or str(err)).splitlines()[-1]
+        log.warning("could not check the SLURM jobs' request against the cluster (scontrol: %s); going on", why)
+        return
+    problems = request_problems(launcher, find_partition(partitions, nodes, None if name is None else str(name)))
+    if problems:
+        raise SweepError("; ".join(problems))
+
+
+# --- SLURM jobs that can never start -------------------------------------------------------------------------------
+# A limit the check above does not see (a QOS, an account, additional_parameters) leaves the jobs pending with a
+# reason no amount of waiting resolves: a daemon thread watches the sweep's jobs and stops the sweep on one.
+
+WATCH_INTERVAL = 5.0  # seconds between two looks at the sweep's jobs in squeue
+NEVER_STARTS = {  # squeue's pending reason -> the setting to change
+    "PartitionConfig": "the job asks for more CPUs, memory or GPUs than any node of its partition has; lower "
+    "hydra.launcher.cpus_per_task, tasks_per_node, mem_gb or gpus_per_node (or hydra.launcher.additional_parameters), "
+    "or choose another hydra.launcher.partition",
+    "PartitionTimeLimit": "hydra.launcher.timeout_min is above the partition's MaxTime; lower it",
+    "PartitionNodeLimit": "hydra.launcher.nodes is outside the partition's node limits; change it",
+    "BadConstraints": "no node of the partition has the features hydra.launcher.constraint asks; change it",
+    "InvalidAccount": "hydra.launcher.account is not an account this user may charge; change it",
+    "InvalidQOS": "hydra.launcher.qos is not a QOS this user may use; change it",
+    "DependencyNeverSatisfied": "a job it depends on can no longer succeed; drop the dependency",
+}
+PER_JOB_FIX = (
+    "the job is outside a per-job limit of its QOS or account; ask less of hydra.launcher, or set hydra.launcher.qos"
+)
+_PER_JOB_LIMIT = re.compile(r"(QOS|Assoc)(Max\w*PerJob\w*|Min\w+)")  # QOSMaxCpuPerJobLimit, QOSMinGRES, ...
+
+
+def never_starts(reason: str) -> str | None:
+    """What to change for a pending reason that waiting never resolves; None for one that may (Resources, ...)."""
+    if reason in NEVER_STARTS:
+        return NEVER_STARTS[reason]
+    if _PER_JOB_LIMIT.fullmatch(reason):
+        return PER_JOB_FIX
+    return None
+
+
+def stuck_job(squeue: str) -> str | None:
+    """From ``squeue -h -o '%i %t %r'`` lines: one line on the first job pending for a reason that never resolves."""
+    for line in squeue.splitlines():
+        job, state, reason = (line.split(maxsplit=2) + ["", ""])[:3]
+        fix = never_starts(reason.strip()) if state == "PD" else None
+        if fix:
+            return f"SLURM job {job.split('_')[0]} can never start (pending, reason {reason.strip()}): {fix}"
+    return None
+
+
+class SlurmWatch(threading.Thread):
+    """Looks at a sweep's SLURM jobs every few seconds; on one that can never start, cancels the sweep's jobs and
+    stops the main thread (waiting on submitit) as SIGTERM would: ``train.cli`` then ends the sweep FAILED."""
+
+    def __init__(self, sweep_dir: str | Path, interval: float = WATCH_INTERVAL) -> None:
+        super().__init__(name="slurm-watch", daemon=True)
+        self.sweep_dir, self.interval = Path(sweep_dir), interval
+        self.stuck: str | None = None
+
+    def look(self) -> str | None:
+        """One look: the line saying why a job of the sweep can never start, or None."""
+        jobs = cluster_jobs(self.sweep_dir)
+        if not jobs:
+            return None
+        cmd = ["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %t %r"]
+        try:
+            listed = subprocess.run(cmd, capture_output=True, text=True, timeout=SCONTROL_TIMEOUT, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None  # the controller is busy or restarting: look again later
+        return stuck_job(listed.stdout) if listed.returncode == 0 else None
+
+    def run(self) -> None:
+        while not self.stuck:
+            time.sleep(self.interval)
+            self.stuck = self.look()
+        cancel_cluster_jobs(str(self.sweep_dir))
+        handled = callable(signal.getsignal(signal.SIGTERM))  # train.cli's handler; else stop it as Ctrl-C would
+        _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
+
+
+_watch: SlurmWatch | None = None
+
+
+def watch_slurm_jobs(config: DictConfig) -> None:
+    """Start watching this sweep's jobs when they go to SLURM (``hydra/launcher=slurm``) and squeue is there."""
+    global _watch
+    if str(config.hydra.launcher.get("_target_", "")).endswith(SLURM_LAUNCHER) and shutil.which("squeue"):
+        _watch = SlurmWatch(config.hydra.sweep.dir)
+        _watch.start()
+
+
+def stuck_reason() -> str | None:
+    """Why the watch stopped this sweep (its one line), or None when it did not."""
+    return _watch.stuck if _watch else None

@@ -160,6 +160,12 @@ def _store_problem(uri: str, timeout: float) -> str | None:
     Checked before any run starts, so that a wrong, read-only, corrupt or unreachable store costs seconds and one
     line, not a traceback after minutes of MLflow's retries."""
     parts = urlsplit(uri)
+    if parts.scheme in ("file", ""):
+        folder = Path(unquote(parts.path) or ".").resolve()
+        return (
+            "it is a file store (a folder of runs), which MLflow keeps only in maintenance mode: rnnlab needs a "
+            f"database store, e.g. tracking.uri=sqlite:///{folder.parent / 'mlflow.db'} (or tracking=server)"
+        )
     if parts.scheme == "sqlite":
         return _sqlite_problem(unquote(parts.path[1:]) if parts.path.startswith("/") else parts.path)
     if parts.scheme in ("http", "https"):
@@ -226,9 +232,7 @@ def _sqlite_problem(path: str) -> str | None:
 def connect(cfg: DictConfig) -> MlflowClient:
     """Check the configured store, bound MLflow's HTTP retries and point MLflow at it; the one client everything
     writes through. A store that cannot work fails here, in seconds, with one message."""
-    problem = _store_problem(cfg.uri, cfg.connect_timeout)
-    if problem:
-        raise TrackingError(f"the tracking store {redact(cfg.uri)} cannot be used: {problem}")
+    check_store(cfg.uri, cfg.connect_timeout)
     # Transient faults are retried, a bounded number of times (MLflow's defaults wait minutes on a dead server).
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.http_retries)
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(cfg.http_timeout))
@@ -236,7 +240,53 @@ def connect(cfg: DictConfig) -> MlflowClient:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         os.environ["MLFLOW_PRINT_MODEL_URLS_ON_CREATION"] = "false"
     mlflow.set_tracking_uri(cfg.uri)
-    return MlflowClient(cfg.uri)
+    return open_store(cfg.uri)
+
+
+def check_store(uri: str, timeout: float) -> None:
+    """Raise ``TrackingError`` with the fix when the store at ``uri`` cannot be used."""
+    problem = _store_problem(uri, timeout)
+    if problem:
+        raise TrackingError(f"the tracking store {redact(uri)} cannot be used: {problem}")
+
+
+_OPENED: set[str] = set()  # stores this process has created or checked (MLflow keeps one store object per URI)
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client of ``uri`` whose tables exist: the first use in a process creates (or checks) them under a lock.
+
+    MLflow creates a new sqlite store's tables and runs its migrations without a lock, so two processes meeting a
+    new store at once (two terminals, a sweep and a report) broke one another (``table ... already exists``)."""
+    if uri in _OPENED:
+        return MlflowClient(uri)
+    for attempt in range(2):
+        try:
+            with _store_lock(uri):
+                client = MlflowClient(uri)  # builds MLflow's store object: its tables, its migrations
+            break
+        except Exception as err:  # a program other than rnnlab (`mlflow ui`) may create the tables unlocked
+            if attempt or ("already exists" not in str(err) and "duplicate column" not in str(err)):
+                raise TrackingError(f"the tracking store {redact(uri)} failed: {_short(err)}") from err
+            time.sleep(2)
+    _OPENED.add(uri)
+    return client
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on a sqlite store's folder while its tables are made; nothing for other stores (a tracking
+    server or a database creates its own schema once)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite":
+        yield
+        return
+    fd = os.open(Path(unquote(parts.path[1:])).parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes, or the process dies
+        yield
+    finally:
+        os.close(fd)
 
 
 # MLflow 3's UI opens an experiment by its kind: without it, on the GenAI traces overview instead of the runs.
@@ -575,20 +625,23 @@ def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
 
 def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = None, uri: str | None = None) -> str:
     """End a sweep's parent run with the status that tells the truth: KILLED when ``stopped="interrupted"``
-    (children left RUNNING by killed workers are marked KILLED too), FAILED when ``stopped="crashed"`` or when fewer
-    jobs FINISHED than the ``jobs`` launched (a job can fail before its run exists), else FINISHED. A search is
-    FINISHED when every trial ended and one finished: a diverged trial (its run FAILED) is one of its results.
+    (children still RUNNING, whose process is gone, end KILLED in every case), FAILED when ``stopped="crashed"``
+    or when fewer jobs FINISHED than the ``jobs`` launched (a job can fail before its run exists), else FINISHED.
+    A search is FINISHED when every trial ended and one finished: a diverged trial (its run FAILED) is one of its
+    results.
     A parent that ran nothing and holds nothing (a search already complete) is deleted: "EMPTY"."""
-    client = MlflowClient(uri) if uri else MlflowClient()
+    client = open_store(uri) if uri else MlflowClient()
     parent = client.get_run(parent_id)
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     if not children and not jobs and not stopped:
         client.delete_run(parent_id)
         log.info("nothing ran and nothing was left to run: the empty parent run %s is deleted", parent_id)
         return "EMPTY"
-    for child in children:
-        if stopped and child.info.status == "RUNNING":
+    for child in children:  # one process runs a sweep: a child RUNNING now lost its process (stopped, kill -9)
+        if child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, status="KILLED")
+            if not stopped:
+                client.set_tag(child.info.run_id, "mlflow.note.content", ORPHAN_NOTE)
     # A job is a (config_id, seed): a resumed sweep may hold a KILLED attempt of it beside the run that finished it.
     # A KILLED attempt stopped before its run was tagged cannot be told which job it was: the jobs launched count it.
     attempts = {}
@@ -765,18 +818,37 @@ def _unfinished_sweep(client: MlflowClient, experiment_id: str, key: str):
     return runs[0] if runs else None
 
 
-def sweep_child(cfg: DictConfig, parent: str, tags: Mapping[str, Any]):
-    """This job's earlier run in the sweep ``parent``'s experiment, found by ``tags`` (``config_id`` and ``seed`` for
-    a grid job, under that parent; ``study`` and ``trial`` for a search trial, whichever parent ran it): a FINISHED
-    one if there is one, else the newest; None when this job has not run before."""
+def sweep_attempts(cfg: DictConfig, parent: str, tags: Mapping[str, Any]) -> list:
+    """This job's earlier runs in the sweep ``parent``'s experiment, newest first, found by ``tags`` (``config_id``
+    and ``seed`` for a grid job, under that parent; ``study`` and ``trial`` for a search trial, whichever parent
+    ran it); empty when this job has not run before."""
     client = connect(cfg.tracking)
     experiment_id = client.get_run(parent).info.experiment_id
     where = [f"tags.{key} = '{value}'" for key, value in tags.items()]
     if "study" not in tags:
         where.append(f"tags.mlflow.parentRunId = '{parent}'")
-    runs = client.search_runs([experiment_id], " and ".join(where), order_by=["attributes.start_time DESC"])
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    return (finished or runs or [None])[0]
+    return client.search_runs([experiment_id], " and ".join(where), order_by=["attributes.start_time DESC"])
+
+
+SUPERSEDED_NOTE = "Superseded by run {new}: its process ended (kill -9, a crash) before a checkpoint."
+ORPHAN_NOTE = "Ended KILLED: its process ended without ending the run (kill -9, a crash)."
+
+
+def supersede(cfg: DictConfig, run_ids: list[str], new_id: str | None = None) -> None:
+    """Runs whose process is gone, replaced by ``new_id`` (or by nothing): one left RUNNING ends KILLED, and each is
+    tagged ``superseded_by`` (the new run is tagged ``supersedes``), so no dead run shows as running for ever."""
+    if not run_ids or not cfg.enabled:
+        return
+    client = connect(cfg)
+    for run_id in run_ids:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+        note = SUPERSEDED_NOTE.format(new=new_id) if new_id else ORPHAN_NOTE
+        tags = [RunTag("mlflow.note.content", note), *([RunTag("superseded_by", new_id)] if new_id else [])]
+        client.log_batch(run_id, tags=tags, synchronous=True)
+    if new_id:
+        client.set_tag(new_id, "supersedes", ",".join(run_ids))
+    log.info("run%s %s ended: %s", "s" * (len(run_ids) > 1), ", ".join(run_ids), new_id and f"superseded by {new_id}")
 
 
 class SweepFailed(SystemExit):
@@ -793,6 +865,12 @@ class SweepCallback(Callback):
         self.lock: RunLock | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # SLURM would keep jobs no node can run pending for ever: refuse them before anything is created
+            sweep.check_slurm_request(config.hydra.launcher)
+        except sweep.SweepError as err:
+            log.error("%s", err)
+            raise SweepFailed(1) from None
+        sweep.watch_slurm_jobs(config)  # and stop the sweep on jobs pending for a reason waiting never resolves
         if not config.tracking.enabled:
             return
         try:
@@ -842,10 +920,8 @@ class SweepCallback(Callback):
 
 def experiments(tracking_uri: str, pattern: str) -> list[tuple[str, str]]:
     """(name, id) of the experiments whose name matches ``pattern`` (SQL LIKE), by name."""
-    problem = _store_problem(tracking_uri, timeout=5)
-    if problem:
-        raise TrackingError(f"the tracking store {redact(tracking_uri)} cannot be used: {problem}")
-    found = MlflowClient(tracking_uri).search_experiments(filter_string=f"name LIKE '{pattern}'")
+    check_store(tracking_uri, timeout=5)
+    found = open_store(tracking_uri).search_experiments(filter_string=f"name LIKE '{pattern}'")
     return sorted((e.name, e.experiment_id) for e in found)
 
 
@@ -853,9 +929,8 @@ def finished_runs(tracking_uri: str, experiment_pattern: str, status: str = "FIN
     """Every FINISHED (or ``status``) training run (sweep parents left out) of the experiments matching
     ``experiment_pattern`` (SQL LIKE, e.g. ``rnnlab-%``), one row each with ``params.*``, ``metrics.*`` and
     ``tags.*`` columns."""
-    problem = _store_problem(tracking_uri, timeout=10)
-    if problem:
-        raise TrackingError(f"the tracking store {redact(tracking_uri)} cannot be used: {problem}")
+    check_store(tracking_uri, timeout=10)
+    open_store(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     experiments = mlflow.search_experiments(filter_string=f"name LIKE '{experiment_pattern}'")
     if not experiments:
@@ -874,7 +949,7 @@ def finished_runs(tracking_uri: str, experiment_pattern: str, status: str = "FIN
 
 def metric_histories(tracking_uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
     """Long table (run_id, key, step, value) of the per-epoch metrics ``keys`` of each run."""
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_store(tracking_uri)
     rows = [
         (run_id, key, m.step, m.value)
         for run_id in run_ids

@@ -104,77 +104,101 @@ def size_to_budget(cfg: DictConfig) -> None:
         cfg.model.units = units
 
 
-def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracking.RunLock | None]:
+def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracking.RunLock | None, list[str]]:
     """The run to continue (``trainer.resume_run_id``, or with ``trainer.resume`` the newest unfinished run of the
-    same config) and its lock, held from now on; (None, None) to start afresh.
+    same config) and its lock, held from now on; (None, None, superseded) to start afresh, where ``superseded`` is
+    a found run that left no checkpoint: the new run replaces it.
 
     A FINISHED run is complete and never reopened; a run that a live process is training is busy. Both are refused
     before the run is touched, so a mistaken resume changes nothing in the store."""
-    run_id = cfg.trainer.resume_run_id
+    run_id, found = cfg.trainer.resume_run_id, False
     if not run_id and cfg.trainer.resume:
         if not cfg.tracking.enabled:
             raise config.ConfigError("trainer.resume: resuming finds the run in MLflow; set tracking.enabled=true")
-        run_id = tracking.find_resumable(cfg, fingerprint)
+        run_id, found = tracking.find_resumable(cfg, fingerprint), True
         if run_id is None:
             log.warning("trainer.resume: no unfinished run with this config (hash %s); starting afresh", fingerprint)
-            return None, None
+            return None, None, []
     if not run_id:
-        return None, None
+        return None, None, []
     status = tracking.run_state(cfg.tracking, run_id) if cfg.tracking.enabled else "KILLED"
     if status == "FINISHED":
         raise TrainingError(
             f"run {run_id} is FINISHED: it is complete and is never reopened. To train it further, start a new run "
             "(drop trainer.resume_run_id / trainer.resume), e.g. with more trainer.epochs."
         )
+    lock = lock_run(cfg, run_id)
+    folder = Path(cfg.paths.checkpoints) / run_id
+    if Checkpoint(folder).exists():
+        return run_id, lock, []
+    lock.release()
+    if found:  # the user asked to continue this config, not this run: train it afresh in a run that replaces it
+        log.warning("trainer.resume: run %s (%s) left no checkpoint: training afresh in a new run", run_id, status)
+        return None, None, [run_id]
+    if status == "RUNNING":  # its process is gone (the lock was free): the run must not show as running for ever
+        tracking.supersede(cfg.tracking, [run_id])
+    raise TrainingError(
+        f"run {run_id} ({status}) has no complete checkpoint at {folder}: it cannot be resumed. Start a new run."
+    )
+
+
+def lock_run(cfg: DictConfig, run_id: str) -> tracking.RunLock:
+    """Hold ``run_id``'s lock from now on, or refuse: a live process is training it."""
     lock = tracking.RunLock(cfg.paths.checkpoints, run_id)
     try:
-        lock.acquire()
+        return lock.acquire()
     except BlockingIOError:
         raise TrainingError(
             f"run {run_id} is being trained right now ({lock.holder() or 'by another process'}): it is busy, not "
             "interrupted. Wait for it to end, or stop that process (Ctrl-C or `kill <pid>`: the run ends KILLED "
             "with its checkpoint), then resume it."
         ) from None
-    folder = Path(cfg.paths.checkpoints) / run_id
-    if not Checkpoint(folder).exists():
-        lock.release()
-        raise TrainingError(
-            f"run {run_id} ({status}) has no complete checkpoint at {folder}: it cannot be resumed. Start a new run."
-        )
-    return run_id, lock
 
 
-def earlier_attempt(cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None]:
-    """A sweep job that ran before in this sweep (same config_id and seed, e.g. a resumed sweep): its result when
-    that run FINISHED (the job is skipped), else the run to resume when its checkpoint survived; (None, None) when
-    the job starts afresh."""
+def earlier_attempt(cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+    """A sweep job that ran before in this sweep (same config_id and seed, or the same search trial, e.g. a resumed
+    sweep): its result when a run of it FINISHED (the job is skipped); else the newest run to resume when its
+    checkpoint survived; else (None, None, ...) to start afresh. The third item: the job's earlier runs that the
+    run about to train replaces (their process is gone, a kill -9 may have left them RUNNING)."""
     parent = tracking.sweep_parent()
     if not parent or not cfg.tracking.enabled or cfg.trainer.resume_run_id or cfg.trainer.resume:
-        return None, None
+        return None, None, []
     if cfg.search.trial is not None:  # a trial is itself, whatever another trial with the same values did
         job = f"{cfg.search.study} trial {cfg.search.trial}"
-        earlier = tracking.sweep_child(cfg, parent, {"study": cfg.search.study, "trial": cfg.search.trial})
+        attempts = tracking.sweep_attempts(cfg, parent, {"study": cfg.search.study, "trial": cfg.search.trial})
     else:
         meta = data.load_meta(cfg.paths.data, cfg.data.name)
         precision = models.resolve_precision(cfg.trainer.precision, meta["kind"])
         job = config.config_id(cfg, data.digest(cfg.paths.data, cfg.data.name), precision)
-        earlier = tracking.sweep_child(cfg, parent, {"config_id": job, "seed": cfg.seed})
-    if earlier is None:
-        return None, None
-    run_id = earlier.info.run_id
-    if earlier.info.status == "FINISHED":
-        log.info("skipped: this sweep FINISHED this job (%s, seed %s) as run %s", job, cfg.seed, run_id)
-        metrics = dict(earlier.data.metrics)
-        key = sweep.objective_key(metrics)
-        values = tracking.metric_histories(cfg.tracking.uri, [run_id], [key])["value"]
-        best = sweep.best_objective([{key: v} for v in values])
-        pruned = earlier.data.tags.get("trial_state") == "PRUNED"
-        return {"metrics": metrics, "run_id": run_id, "skipped": True, "pruned": pruned, "best": best}, None
+        attempts = tracking.sweep_attempts(cfg, parent, {"config_id": job, "seed": cfg.seed})
+    finished = [r for r in attempts if r.info.status == "FINISHED"]
+    if finished:
+        return skipped(cfg, finished[0], job), None, []
+    if not attempts:
+        return None, None, []
+    stale = [r.info.run_id for r in attempts if "superseded_by" not in r.data.tags]
+    newest = attempts[0]
+    run_id = newest.info.run_id
     if Checkpoint(Path(cfg.paths.checkpoints) / run_id).exists():
-        log.info("resuming this job's %s run %s from its checkpoint", earlier.info.status, run_id)
-        return None, run_id
-    log.info("this job's %s run %s left no checkpoint: training it afresh in a new run", earlier.info.status, run_id)
-    return None, None
+        log.info("resuming this job's %s run %s from its checkpoint", newest.info.status, run_id)
+        return None, run_id, [r for r in stale if r != run_id]
+    for attempt in attempts:  # refused if a live process still trains one: never replace a run under it
+        if attempt.info.status == "RUNNING":
+            lock_run(cfg, attempt.info.run_id).release()
+    log.info("this job's %s run %s left no checkpoint: training it afresh in a new run", newest.info.status, run_id)
+    return None, None, stale
+
+
+def skipped(cfg: DictConfig, run, job: str) -> dict[str, Any]:
+    """The result of a job that a FINISHED run of this sweep already holds: read back, not trained again."""
+    run_id = run.info.run_id
+    log.info("skipped: this sweep FINISHED this job (%s, seed %s) as run %s", job, cfg.seed, run_id)
+    metrics = dict(run.data.metrics)
+    key = sweep.objective_key(metrics)
+    values = tracking.metric_histories(cfg.tracking.uri, [run_id], [key])["value"]
+    best = sweep.best_objective([{key: v} for v in values])
+    pruned = run.data.tags.get("trial_state") == "PRUNED"
+    return {"metrics": metrics, "run_id": run_id, "skipped": True, "pruned": pruned, "best": best}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -182,13 +206,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     config.validate(cfg)
     size_to_budget(cfg)
     fingerprint = config.fingerprint(cfg)
-    done, earlier = earlier_attempt(cfg)
+    done, earlier, superseded = earlier_attempt(cfg)
     if done:
         return done
     if earlier:
         with open_dict(cfg):
             cfg.trainer.resume_run_id = earlier
-    resume_run_id, lock = resume_target(cfg, fingerprint)  # first: a refused resume costs nothing
+    resume_run_id, lock, replaced = resume_target(cfg, fingerprint)  # first: a refused resume costs nothing
+    superseded += replaced
     interrupts = tracking.Interrupts()
     history: list[dict[str, float]] = []
     run_id = resume_run_id
@@ -205,6 +230,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tags.update(study=cfg.search.study, trial=trial.number)
         with sigterm_as_interrupt(interrupts), tracking.start_run(cfg, tags, resume_run_id, interrupts) as tracker:
             run_id = tracker.run_id
+            tracking.supersede(cfg.tracking, superseded, run_id)  # the runs this one replaces end, pointing here
             if not resume_run_id:
                 tracker.log_dataset(cfg.data.name, data.prepared_dir(cfg.paths.data, cfg.data.name), dataset.splits)
             if lock is None and run_id:
@@ -373,6 +399,10 @@ def cli() -> None:
         try:
             main()
         except KeyboardInterrupt as err:
+            if stuck := sweep.stuck_reason():  # the SLURM watch cancelled jobs that could never start
+                log.error("sweep FAILED: %s", stuck)
+                tracking.abandon_sweep(interrupted=False)
+                sys.exit(1)
             sweep.cancel_cluster_jobs()
             tracking.abandon_sweep(interrupted=True)
             signum = getattr(err, "signum", None) or interrupts.signal or signal.SIGINT

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import prepare, tracking, train
+from pipeline import config, data, prepare, tracking, train
 from tests.conftest import REPO
 
 COMMON = (
@@ -134,13 +134,40 @@ def test_a_finished_run_is_never_resumed(make_cfg, tmp_path, mlflow_store):
     assert fresh.info.status == "FINISHED" and "resumed_at_epoch" not in fresh.data.tags
 
 
+def test_a_run_whose_process_died_before_a_checkpoint_never_stays_running(make_cfg, tmp_path, mlflow_store):
+    """kill -9 before the first checkpoint leaves a run RUNNING with nothing to resume. Named, the resume is refused
+    and the run ends KILLED; found by trainer.resume=true, a new run trains the config and the old one ends KILLED,
+    naming its replacement."""
+    prepare.run(make_cfg(*COMMON))
+    overrides = (*COMMON, *QUICK, "trainer.epochs=1")
+    cfg = config.validate(make_cfg(*overrides))
+    client = tracking.connect(cfg.tracking)
+    experiment = tracking.setup_experiment(cfg.tracking, client)
+
+    def orphan() -> str:  # what a process killed with -9 between starting its run and its first epoch leaves
+        return client.create_run(experiment, tags={"config_hash": config.fingerprint(cfg)}).info.run_id
+
+    named = orphan()
+    with pytest.raises(train.TrainingError, match=rf"run {named} \(RUNNING\) has no complete checkpoint"):
+        train.run(make_cfg(*overrides, f"trainer.resume_run_id={named}"))
+    assert client.get_run(named).info.status == "KILLED"
+    assert "kill -9" in client.get_run(named).data.tags["mlflow.note.content"]
+
+    found = orphan()
+    done = train.run(make_cfg(*overrides, "trainer.resume=true"))
+    old, new = client.get_run(found), client.get_run(done["run_id"])
+    assert done["run_id"] != found and new.info.status == "FINISHED"
+    assert old.info.status == "KILLED" and old.data.tags["superseded_by"] == new.info.run_id
+    assert new.data.tags["supersedes"] == found
+    assert [r.info.status for r in client.search_runs([experiment])].count("RUNNING") == 0
+
+
 @pytest.mark.integration  # a real process
 def test_nan_loss_in_a_real_process_fails_the_run_with_a_message(make_cfg, tmp_path):
     prepare.run(make_cfg(*COMMON))
-    path = tmp_path / "data/prepared/toy/train.npz"
-    arrays = dict(np.load(path))
-    arrays["x"][:, 0, 0] = np.nan
-    np.savez(path, **arrays)
+    dataset = data.load(tmp_path / "data", "toy")  # a NaN in the data as prepared (its checksums recorded)
+    dataset.splits["train"]["x"][:, 0, 0] = np.nan
+    data.save(tmp_path / "data/prepared/toy", dataset)
     proc = train_process(tmp_path)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == 1

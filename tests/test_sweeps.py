@@ -1,6 +1,8 @@
 """The sweep presets in conf/sweep/ compose to the sweeps they promise; a Hydra multirun is one MLflow parent run
 with a child per job, sequential and with the parallel launcher (real processes: the integration tier)."""
 
+import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +16,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import config, prepare, tracking
+from pipeline import config, prepare, sweep, tracking
 from tests.conftest import CONF, REPO, compose_config, in_ci
 
 SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", "tracking.log_model=false")
@@ -124,7 +126,9 @@ def launch(tmp_path, *args, wait=True):
         *args,
     ]
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(  # a session of its own: a test can kill -9 the whole group, workers and all
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -389,6 +393,165 @@ def test_a_seeded_sweep_on_slurm_interrupted_and_resumed_matches_the_local_launc
     assert_same_results(finished_children(tmp_path), uninterrupted)
 
 
+# What scontrol and squeue print, captured from the single-node cluster of scripts/slurm-local.sh (slurm-wlm 22.05);
+# the gpu partition and node are the same lines with a GPU node's values (long lines go on after a backslash).
+PARTITIONS = """\
+PartitionName=debug AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=YES QoS=N/A \
+DefaultTime=NONE DisableRootJobs=NO ExclusiveUser=NO GraceTime=0 Hidden=NO MaxNodes=UNLIMITED MaxTime=UNLIMITED \
+MinNodes=0 LLN=NO MaxCPUsPerNode=UNLIMITED Nodes=vm PriorityJobFactor=1 PriorityTier=1 RootOnly=NO ReqResv=NO \
+OverSubscribe=NO OverTimeLimit=NONE PreemptMode=OFF State=UP TotalCPUs=2 TotalNodes=1 SelectTypeParameters=NONE \
+JobDefaults=(null) DefMemPerNode=UNLIMITED MaxMemPerNode=UNLIMITED TRES=cpu=2,mem=22900M,node=1,billing=2
+PartitionName=gpu AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=NO QoS=N/A DefaultTime=NONE \
+DisableRootJobs=NO ExclusiveUser=NO GraceTime=0 Hidden=NO MaxNodes=2 MaxTime=2-00:00:00 MinNodes=0 LLN=NO \
+MaxCPUsPerNode=UNLIMITED Nodes=gpu[01-04] PriorityJobFactor=1 PriorityTier=1 RootOnly=NO ReqResv=NO \
+OverSubscribe=NO OverTimeLimit=NONE PreemptMode=OFF State=UP TotalCPUs=256 TotalNodes=4 SelectTypeParameters=NONE \
+JobDefaults=(null) DefMemPerNode=UNLIMITED MaxMemPerNode=UNLIMITED \
+TRES=cpu=256,mem=2060000M,node=4,billing=256,gres/gpu=16
+"""
+NODES = """\
+NodeName=vm Arch=x86_64 CoresPerSocket=1  CPUAlloc=0 CPUEfctv=2 CPUTot=2 CPULoad=2.70 AvailableFeatures=(null) \
+ActiveFeatures=(null) Gres=(null) NodeAddr=127.0.0.1 NodeHostName=vm Version=22.05.8 OS=Linux 6.18.44-fc-v1252 #1 \
+SMP PREEMPT_DYNAMIC @0  RealMemory=22900 AllocMem=0 FreeMem=21861 Sockets=2 Boards=1 State=IDLE ThreadsPerCore=1 \
+TmpDisk=0 Weight=1 Owner=N/A MCS_label=N/A Partitions=debug  BootTime=2026-12-03T19:43:59 \
+SlurmdStartTime=2026-12-03T23:19:47 LastBusyTime=2026-12-03T23:19:47 CfgTRES=cpu=2,mem=22900M,billing=2 AllocTRES= \
+CapWatts=n/a CurrentWatts=0 AveWatts=0 ExtSensorsJoules=n/s ExtSensorsWatts=0 ExtSensorsTemp=n/s
+NodeName=gpu01 Arch=x86_64 CoresPerSocket=32  CPUAlloc=0 CPUEfctv=62 CPUTot=64 CPULoad=0.10 AvailableFeatures=a100 \
+ActiveFeatures=a100 Gres=gpu:a100:4(S:0-1) NodeAddr=gpu01 NodeHostName=gpu01 Version=22.05.8 OS=Linux \
+5.15.0-91-generic #101-Ubuntu SMP Tue Nov 14 13:30:08 UTC 2023  RealMemory=515000 AllocMem=0 FreeMem=501234 \
+Sockets=2 Boards=1 State=IDLE ThreadsPerCore=1 TmpDisk=0 Weight=1 Owner=N/A MCS_label=N/A Partitions=gpu,debug  \
+BootTime=2026-12-01T08:00:00 SlurmdStartTime=2026-12-01T08:01:00 LastBusyTime=2026-12-03T23:19:47 \
+CfgTRES=cpu=64,mem=515000M,billing=64,gres/gpu=4 AllocTRES= CapWatts=n/a CurrentWatts=0 AveWatts=0 \
+ExtSensorsJoules=n/s ExtSensorsWatts=0 ExtSensorsTemp=n/s
+"""
+SQUEUE = """\
+20_[0-1%16] PD PartitionConfig
+21_0 R None
+21_[1%16] PD Resources
+22 PD Priority
+"""
+
+
+def test_a_slurm_request_no_node_of_the_partition_can_meet_is_named_with_the_value_that_fits():
+    partitions = sweep.scontrol_records(PARTITIONS)
+    nodes = sweep.scontrol_records(NODES)[:1]  # the debug node alone
+    assert [p["PartitionName"] for p in partitions] == ["debug", "gpu"] and nodes[0]["OS"] == "Linux"  # free text
+    debug = sweep.find_partition(partitions, nodes, None)  # partition: null = the one with Default=YES
+    assert debug == sweep.Partition("debug", cpus=2, mem_mb=22900, gpus=0, nodes=1, max_time="UNLIMITED")
+    launcher = compose_config(["hydra/launcher=slurm"], hydra=True).hydra.launcher  # cpus_per_task: 4, mem_gb: 16
+    assert sweep.request_problems(launcher, debug) == [
+        "hydra.launcher.cpus_per_task=4 asks for more CPUs than any node of partition 'debug' has (2): "
+        "set hydra.launcher.cpus_per_task=2 (or less)"
+    ]
+    assert sweep.request_problems({**launcher, "cpus_per_task": 2}, debug) == []
+    assert sweep.find_partition(partitions, sweep.scontrol_records(NODES), "debug").cpus == 62  # gpu01's too
+    assert sweep.request_problems({**launcher, "cpus_per_task": 1, "tasks_per_node": 2}, debug) == []
+    assert sweep.request_problems({**launcher, "cpus_per_task": 2, "tasks_per_node": 2}, debug) == [
+        "hydra.launcher.cpus_per_task=2 asks for more CPUs than any node of partition 'debug' has (2) for 2 tasks: "
+        "set hydra.launcher.cpus_per_task=1 (or less)"
+    ]
+
+    gpu = sweep.find_partition(partitions, sweep.scontrol_records(NODES), "gpu")
+    assert gpu == sweep.Partition("gpu", cpus=62, mem_mb=515000, gpus=4, nodes=2, max_time="2-00:00:00")
+    asked = {**launcher, "cpus_per_task": 62, "mem_gb": 503, "gpus_per_node": 8, "nodes": 3, "timeout_min": 2881}
+    assert sweep.request_problems(asked, gpu) == [
+        "hydra.launcher.mem_gb=503 asks for more memory than any node of partition 'gpu' has (515000 MB): "
+        "set hydra.launcher.mem_gb=502 (or less)",
+        "hydra.launcher.gpus_per_node=8 asks for more GPUs than any node of partition 'gpu' has (4): "
+        "set hydra.launcher.gpus_per_node=4 (or less)",
+        "hydra.launcher.nodes=3 asks for more nodes than partition 'gpu' allows (2): "
+        "set hydra.launcher.nodes=2 (or less)",
+        "hydra.launcher.timeout_min=2881 is longer than partition 'gpu' allows (MaxTime=2-00:00:00): "
+        "set hydra.launcher.timeout_min=2880 (or less)",
+    ]
+    assert sweep.request_problems({**launcher, "gpus_per_node": 1}, debug)[-1].endswith("gpus_per_node=0")
+    with pytest.raises(sweep.SweepError, match=r"partition='nope': no such partition .* set one of: debug, gpu$"):
+        sweep.find_partition(partitions, nodes, "nope")
+
+
+@pytest.mark.parametrize(
+    "text, minutes",
+    [("UNLIMITED", math.inf), ("30", 30), ("30:30", 30.5), ("02:00:00", 120), ("1-00:00:00", 1440), ("2-12", 3600)],
+)
+def test_slurm_time_limits_read_as_minutes(text, minutes):
+    assert sweep.slurm_minutes(text) == minutes
+
+
+def test_only_a_pending_reason_that_waiting_never_resolves_stops_a_slurm_sweep():
+    assert sweep.stuck_job(SQUEUE) == (
+        f"SLURM job 20 can never start (pending, reason PartitionConfig): {sweep.NEVER_STARTS['PartitionConfig']}"
+    )
+    assert "hydra.launcher.cpus_per_task" in sweep.NEVER_STARTS["PartitionConfig"]
+    assert sweep.stuck_job(SQUEUE.replace("PartitionConfig", "Resources")) is None  # the jobs run once others end
+    assert sweep.stuck_job("") is None
+    for reason in ("QOSMaxCpuPerJobLimit", "QOSMaxWallDurationPerJobLimit", "AssocMaxNodePerJobLimit", "QOSMinGRES"):
+        assert sweep.never_starts(reason) == sweep.PER_JOB_FIX
+    for reason in ("Resources", "Priority", "QOSGrpCpuLimit", "ReqNodeNotAvail", "BeginTime", "Dependency"):
+        assert sweep.never_starts(reason) is None  # each resolves by waiting
+
+
+def test_without_a_working_scontrol_a_slurm_sweep_is_not_checked_only_warned(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM commands on it
+    launcher = compose_config(["hydra/launcher=slurm"], hydra=True).hydra.launcher
+    sweep.check_slurm_request(launcher)  # no error: the sweep goes on unchecked
+    assert "could not check the SLURM jobs' request" in caplog.text
+    down = "slurm_load_partitions: Unable to contact slurm controller (connect failure)"  # what scontrol then says
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho '{down}' >&2\nexit 1\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    sweep.check_slurm_request(launcher)
+    assert f"(scontrol: {down}); going on" in caplog.text
+
+
+def running_runs(uri: str) -> list[str]:
+    """Every run of the store still RUNNING (none should be, once a sweep ended)."""
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_id for r in client.search_runs(experiments) if r.info.status == "RUNNING"] if experiments else []
+
+
+def ends_by_itself(proc, tmp_path, seconds: float) -> str:
+    """The output of a sweep that must end on its own within ``seconds``: else it is killed, its SLURM jobs are
+    cancelled and the test fails."""
+    try:
+        return proc.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        for folder in tmp_path.glob("multirun/*/*"):
+            sweep.cancel_cluster_jobs(str(folder))
+        pytest.fail(f"the sweep was still waiting after {seconds} s:\n{proc.communicate()[0][-3000:]}")
+
+
+@pytest.mark.integration
+def test_a_slurm_sweep_asking_more_cpus_than_the_node_has_stops_at_once_with_one_line(slurm, mlflow_store, tmp_path):
+    """cpus_per_task=4 on the 2-CPU node: refused before anything is submitted or created, exit 1."""
+    args = [a for a in SLURM if "cpus_per_task" not in a] + ["hydra.launcher.cpus_per_task=4"]
+    start = time.monotonic()
+    proc = launch(tmp_path, "model=rnn,gru", *args, wait=False)
+    output = ends_by_itself(proc, tmp_path, 120)
+    assert proc.returncode == 1 and time.monotonic() - start < 60, output[-3000:]
+    (line,) = [line for line in output.splitlines() if "hydra.launcher.cpus_per_task" in line]
+    assert line.endswith("(2): set hydra.launcher.cpus_per_task=2 (or less)")
+    assert "Traceback" not in output and not list(tmp_path.glob("multirun/*/*/.submitit/*")), output[-3000:]
+    assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
+    assert running_runs(mlflow_store) == []
+
+
+@pytest.mark.integration
+def test_a_slurm_sweep_whose_jobs_can_never_start_is_cancelled_and_ends_failed(slurm, mlflow_store, tmp_path):
+    """3 tasks of 1 CPU on one node of 2 (hydra.launcher.additional_parameters, which the check before submitting
+    does not read): SLURM keeps the jobs pending (PartitionConfig); the watch cancels them, the sweep ends FAILED."""
+    start = time.monotonic()
+    proc = launch(tmp_path, "model=rnn,gru", *SLURM, "+hydra.launcher.additional_parameters.ntasks=3", wait=False)
+    output = ends_by_itself(proc, tmp_path, 180)
+    assert proc.returncode == 1 and time.monotonic() - start < 90, output[-3000:]
+    (line,) = [line for line in output.splitlines() if "can never start" in line]
+    assert "reason PartitionConfig" in line and "hydra.launcher.cpus_per_task" in line
+    assert "cancelling the sweep's SLURM jobs" in output and "Traceback" not in output, output[-3000:]
+    assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()  # none left
+    client = MlflowClient(mlflow_store)
+    (parent,) = client.search_runs([client.get_experiment_by_name("rnnlab-toy").experiment_id])
+    assert parent.info.status == "FAILED" and running_runs(mlflow_store) == []
+
+
 # --- A search that outlives its process -------------------------------------------------------------------------
 @pytest.mark.integration
 def test_an_interrupted_search_continues_the_same_study_at_its_next_trial(make_cfg, mlflow_store, tmp_path):
@@ -488,3 +651,80 @@ def test_a_search_with_a_diverged_trial_finishes_a_grid_with_a_failed_job_does_n
     empty = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
     assert tracking.finish_sweep(empty, 0, uri=mlflow_store) == "EMPTY"  # a complete search, run again
     assert client.get_run(empty).info.lifecycle_stage == "deleted"
+
+
+# --- kill -9: nothing is left RUNNING -------------------------------------------------------------------------------
+def kill9_when(proc, tmp_path, ready) -> None:
+    """``kill -9`` the sweep's whole process group (workers too) once ``ready(unfinished, saved)`` holds for its runs:
+    ``unfinished`` the tagged children not FINISHED, ``saved`` the run ids with a checkpoint."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        try:
+            _, _, children = sweep_runs(tmp_path)
+        except (ValueError, AttributeError, TypeError):  # the store, the experiment or the parent is not there yet
+            children = []
+        unfinished = [c for c in children if c.info.status == "RUNNING" and "config_id" in c.data.tags]
+        saved = {p.parent.name for p in tmp_path.glob("checkpoints/*/state.json")}
+        if ready(unfinished, saved):
+            break
+        time.sleep(0.1)
+    workers = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def before_a_checkpoint(unfinished, saved) -> bool:
+    return any(c.info.run_id not in saved for c in unfinished)
+
+
+def after_a_checkpoint(unfinished, saved) -> bool:
+    return any(c.info.run_id in saved for c in unfinished)
+
+
+KILLED_SWEEPS = {
+    "grid": [*RESUMABLE, "tracking.sweep_name=killed"],
+    "search": [
+        "sweep=tune_cells_toy",
+        "hydra.sweeper.params.model=gru",
+        "hydra.sweeper.n_trials=4",
+        "trainer.epochs=15",
+    ],
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", sorted(KILLED_SWEEPS))
+def test_a_sweep_killed_9_before_and_after_a_checkpoint_then_rerun_leaves_no_run_running(
+    make_cfg, mlflow_store, tmp_path, kind, uninterrupted
+):
+    """kill -9 of a sweep's process group (parallel launcher) while a job has not checkpointed yet, the same command
+    again, kill -9 once a job has checkpointed, the same command to the end: every job FINISHED once, each run that
+    died before its checkpoint ended KILLED and names the run that replaced it, the checkpointed one resumed, and no
+    run is left RUNNING."""
+    prepare.run(make_cfg(*SMALL))
+    args = [*KILLED_SWEEPS[kind], "hydra/launcher=parallel"]
+    kill9_when(launch(tmp_path, *args, wait=False), tmp_path, before_a_checkpoint)
+    kill9_when(launch(tmp_path, *args, wait=False), tmp_path, after_a_checkpoint)
+    output = multirun(tmp_path, *args)
+    assert "resuming this job's RUNNING run" in output  # the checkpointed run continued, not started again
+    client, (parent,), children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert not [c.info.run_id for c in children if c.info.status == "RUNNING"]
+    superseded = [c for c in children if "superseded_by" in c.data.tags]
+    assert superseded and all(c.info.status == "KILLED" for c in superseded)
+    by_id = {c.info.run_id: c for c in children}
+    for old in superseded:  # the replacement is the same job, and says what it replaced
+        new = by_id[old.data.tags["superseded_by"]]
+        key = ("study", "trial") if kind == "search" else ("config_id", "seed")
+        assert [new.data.tags[k] for k in key] == [old.data.tags[k] for k in key]
+        assert old.info.run_id in new.data.tags["supersedes"].split(",")
+    if kind == "grid":
+        assert_same_results(finished_children(tmp_path), uninterrupted)
+    else:
+        done = sorted(int(c.data.tags["trial"]) for c in children if c.info.status == "FINISHED")
+        assert done == [0, 1, 2, 3]

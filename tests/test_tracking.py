@@ -66,6 +66,15 @@ def test_a_read_only_store_is_refused(make_cfg, tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("uri", ["file://{root}/mlruns", "{root}/mlruns", "mlruns"])
+def test_a_file_store_is_refused_with_the_sqlite_form(make_cfg, tmp_path, monkeypatch, uri):
+    """MLflow's file store raises "in maintenance mode" from deep inside a run: say at once what to use instead."""
+    monkeypatch.chdir(tmp_path)
+    message = check(make_cfg, uri.format(root=tmp_path))
+    assert "file store" in message and f"tracking.uri=sqlite:///{tmp_path}/mlflow.db" in message
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_a_closed_port_fails_in_seconds_naming_the_server(make_cfg):
     started = time.monotonic()
     message = check(make_cfg, f"http://user:hunter2@127.0.0.1:{closed_port()}")
@@ -74,7 +83,11 @@ def test_a_closed_port_fails_in_seconds_naming_the_server(make_cfg):
 
 
 @pytest.mark.integration  # a real process
-def test_training_against_a_dead_server_is_one_line_and_exit_1(make_cfg, tmp_path):
+@pytest.mark.parametrize(
+    ("uri", "said"),
+    [("http://127.0.0.1:{port}", "cannot be used: no answer"), ("file://{root}/mlruns", "needs a database store")],
+)
+def test_training_against_a_store_it_cannot_use_is_one_line_and_exit_1(make_cfg, tmp_path, uri, said):
     prepare.run(make_cfg(*SMALL))
     cmd = [
         sys.executable,
@@ -82,12 +95,12 @@ def test_training_against_a_dead_server_is_one_line_and_exit_1(make_cfg, tmp_pat
         "pipeline.train",
         f"paths.root={tmp_path}",
         *SMALL,
-        f"tracking.uri=http://127.0.0.1:{closed_port()}",
+        "tracking.uri=" + uri.format(port=closed_port(), root=tmp_path),
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
-    assert "Traceback" not in output and "cannot be used: no answer" in output
+    assert "Traceback" not in output and said in output
 
 
 def test_a_good_store_passes_and_the_retries_are_bounded(make_cfg, tmp_path, monkeypatch):
@@ -145,3 +158,53 @@ def test_parallel_jobs_logging_the_same_new_dataset_all_succeed(mlflow_store, tm
     assert errors.empty(), errors.get()
     runs = MlflowClient(mlflow_store).search_runs([experiment_id])
     assert len(runs) == 2 * rounds and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
+
+
+def _open_new_store(uri: str, folder: str, role: str, barrier, errors) -> None:
+    """One of several processes that meet a store that does not exist yet, released together: a training run (the
+    store, its experiment, a run), a report reading finished runs, or a search opening its Optuna journal."""
+    from omegaconf import OmegaConf
+
+    from pipeline import sweep
+
+    cfg = OmegaConf.create(
+        {"uri": uri, "experiment": "rnnlab-race", "artifact_location": f"{folder}/a", "connect_timeout": 5}
+        | {"http_retries": 1, "http_timeout": 5}
+    )
+    barrier.wait()
+    try:
+        if role == "report":
+            tracking.finished_runs(uri, "rnnlab-%")
+        elif role == "search":
+            import optuna
+
+            storage = sweep.open_storage(sweep.study_storage(OmegaConf.create({"storage": "auto"}), uri))
+            optuna.create_study(study_name="race", storage=storage, load_if_exists=True)
+        else:
+            client = tracking.connect(cfg)
+            run = client.create_run(tracking.setup_experiment(cfg, client))
+            client.set_terminated(run.info.run_id)
+    except Exception as err:  # reported to the test, which fails on any
+        errors.put(f"{role}: {err!r}")
+
+
+@pytest.mark.integration
+def test_runs_reports_and_searches_starting_together_on_a_new_store_all_succeed(tmp_path):
+    """Two terminals on a new checkout: MLflow creates a new sqlite store's tables without a lock, and the second
+    process to start died with `table ... already exists`. Four processes meet the new store at once."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    roles = ["train", "train", "train", "report", "search", "search"]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(len(roles)), ctx.Queue()
+    jobs = [ctx.Process(target=_open_new_store, args=(uri, str(tmp_path), r, barrier, errors)) for r in roles]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=180)
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems and [job.exitcode for job in jobs] == [0] * len(roles), problems
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "rnnlab-race"]
+    assert len(client.search_runs([experiment.experiment_id])) == 3

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, prepare, train
+from pipeline import config, data, prepare, train
 
 SMALL_DATA = ("data.n_train=128", "data.n_val=32", "data.n_test=64")
 
@@ -106,10 +106,9 @@ def test_same_seed_same_numbers(smoke):
 
 def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(smoke, tmp_path):
     # Corrupt one training value: the loss turns NaN on the first batch that holds it.
-    path = tmp_path / "data/prepared/toy/train.npz"
-    arrays = dict(np.load(path))
-    arrays["x"][5, 0, 0] = np.nan
-    np.savez(path, **arrays)
+    dataset = data.load(tmp_path / "data", "toy")  # a NaN in the data as prepared (its checksums recorded)
+    dataset.splits["train"]["x"][5, 0, 0] = np.nan
+    data.save(tmp_path / "data/prepared/toy", dataset)
     with pytest.raises(
         train.TrainingError, match=r"loss became nan at epoch 1, batch(es)? [\d-]+: .*check the data for NaNs"
     ):

@@ -1,6 +1,8 @@
-"""Prepared datasets on disk: one folder per dataset with ``<split>.npz``, ``meta.json`` and ``stats.json``.
+"""Prepared datasets on disk: one folder per dataset with ``<split>.npz``, ``meta.json``, ``stats.json`` and
+``SHA256SUMS``, the sha256 of each of them (``sha256sum -c SHA256SUMS`` checks a folder by hand).
 
-The prepare stage writes them; training only reads them, so the two meet at this module alone.
+The prepare stage writes them; training only reads them, so the two meet at this module alone. Every file is checked
+against its recorded sha256 as it is read: a damaged or swapped file is refused, never trained on.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,9 @@ import numpy as np
 
 class DataError(RuntimeError):
     """Prepared data is missing or unreadable; the message says which command makes it."""
+
+
+CHECKSUMS = "SHA256SUMS"  # in each prepared folder: `<sha256>  <file>` per line, as sha256sum writes and checks it
 
 
 @dataclass
@@ -69,20 +75,35 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The one JSON layout of this project's files (sorted keys: the same content, the same bytes and sha256)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def save(out_dir: Path, dataset: Dataset) -> None:
-    """Write every split, the vocabulary if any, then ``meta.json`` and ``stats.json``."""
+    """Write every split, the vocabulary if any, ``meta.json`` and ``stats.json``, then their sha256 list: removed
+    first and written last, so a folder whose prepare stopped halfway has none and is refused, not half used."""
+    (out_dir / CHECKSUMS).unlink(missing_ok=True)
+    sums: dict[str, str] = {}
     for name, arrays in dataset.splits.items():
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write_bytes(out_dir / f"{name}.npz", buf.getvalue())
+        sums[f"{name}.npz"] = write_hashed(out_dir / f"{name}.npz", buf.getvalue())
     if dataset.vocab is not None:
-        atomic_write_bytes(out_dir / "vocab.txt", ("\n".join(dataset.vocab) + "\n").encode())
-    write_json(out_dir / "meta.json", dataset.meta)
-    write_json(out_dir / "stats.json", dataset.stats)
+        sums["vocab.txt"] = write_hashed(out_dir / "vocab.txt", ("\n".join(dataset.vocab) + "\n").encode())
+    sums["meta.json"] = write_hashed(out_dir / "meta.json", json_bytes(dataset.meta))
+    sums["stats.json"] = write_hashed(out_dir / "stats.json", json_bytes(dataset.stats))
+    atomic_write_bytes(out_dir / CHECKSUMS, "".join(f"{sums[f]}  {f}\n" for f in sorted(sums)).encode())
+
+
+def write_hashed(path: Path, payload: bytes) -> str:
+    """Write ``payload`` atomically; its sha256, from the bytes in hand rather than the file read back."""
+    atomic_write_bytes(path, payload)
+    return hashlib.sha256(payload).hexdigest()
 
 
 def digest_files(paths: list[Path]) -> str:
@@ -96,36 +117,118 @@ def digest_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_meta(data_root: str | Path, name: str) -> dict[str, Any]:
-    """A prepared dataset's ``meta.json`` (what a model needs to know), or say which command prepares it."""
-    folder = prepared_dir(data_root, name)
-    meta_path = folder / "meta.json"
-    if not meta_path.exists():
+def rebuild_hint(name: str) -> str:
+    """The advice every message about a missing or damaged prepared file ends with: the DVC stage where the
+    pipeline has one for this dataset, else the prepare command."""
+    command = f"`python -m pipeline.prepare data={name}`"
+    dvc_yaml = Path(__file__).resolve().parents[2] / "dvc.yaml"
+    if dvc_yaml.exists() and f"prepare_{name}:" in dvc_yaml.read_text():
+        return f"rebuild it: `dvc repro prepare_{name}` (or {command})"
+    return f"rebuild it: {command}"
+
+
+def checksums(folder: Path, name: str) -> dict[str, str]:
+    """The sha256 per file that prepare recorded in ``folder``; a folder without them is refused (an older version
+    made it, or its prepare stopped halfway), as nothing could tell a damaged file there from a sound one."""
+    path = folder / CHECKSUMS
+    if not path.exists() and not (folder / "meta.json").exists():
         raise DataError(
             f"no prepared data for {name!r} at {folder}. Prepare it first: "
             f"`python -m pipeline.prepare data={name}` (or `dvc repro prepare_{name}`)."
         )
-    return json.loads(meta_path.read_text())
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(
+            f"{folder} has no {CHECKSUMS} (an older version prepared it, or its prepare stopped halfway); "
+            f"{rebuild_hint(name)}."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path} ({one_line(err)}); {rebuild_hint(name)}.") from err
+    pairs = [line.split("  ", 1) for line in lines]
+    if not all(len(pair) == 2 and len(pair[0]) == 64 for pair in pairs):
+        raise DataError(f"{path} is damaged (not `<sha256>  <file>` on every line); {rebuild_hint(name)}.")
+    return {file: hexdigest for hexdigest, file in pairs}
+
+
+def read_verified(folder: Path, file: str, sums: dict[str, str], name: str) -> bytes:
+    """A prepared file's bytes, read once and checked against the sha256 prepare recorded for it."""
+    path = folder / file
+    if file not in sums:
+        raise DataError(
+            f"{path} is not a file prepare wrote (it is not in {CHECKSUMS}): remove it, or {rebuild_hint(name)}."
+        )
+    try:
+        payload = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing (prepare wrote it, {CHECKSUMS} lists it); {rebuild_hint(name)}.") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({one_line(err)}); {rebuild_hint(name)}.") from err
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != sums[file]:
+        raise DataError(
+            f"{path} is damaged (sha256 {actual[:16]}..., but {CHECKSUMS} recorded {sums[file][:16]}...); "
+            f"{rebuild_hint(name)}."
+        )
+    return payload
+
+
+def parse(path: Path, payload: bytes, name: str) -> Any:
+    """A verified file's content: a split's arrays, meta.json's object or the vocabulary's words (a file that
+    matches its sha256 yet does not parse was written so: rebuilding it is still the fix)."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(io.BytesIO(payload)) as npz:
+                return {k: npz[k] for k in npz.files}
+        if path.name == "meta.json":
+            meta = json.loads(payload)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            return meta
+        return payload.decode().splitlines()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # BadZipFile is not an OSError
+        raise DataError(f"cannot read {path} ({one_line(err)}); {rebuild_hint(name)}.") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An error's text on one line: every message here is one log line."""
+    return " ".join(str(err).split())
+
+
+def load_meta(data_root: str | Path, name: str) -> dict[str, Any]:
+    """A prepared dataset's ``meta.json`` (what a model needs to know), checked against its recorded sha256, or
+    say which command prepares it."""
+    folder = prepared_dir(data_root, name)
+    payload = read_verified(folder, "meta.json", checksums(folder, name), name)
+    return parse(folder / "meta.json", payload, name)
 
 
 def load(data_root: str | Path, name: str) -> Dataset:
-    """Load a prepared dataset, or say which command prepares it."""
+    """Load a prepared dataset, every file checked against its recorded sha256, or say which command prepares it.
+    Each file is read once: its bytes are hashed, parsed and fed to the digest (the 170 MB of MNIST's train split
+    would otherwise be read twice)."""
     folder = prepared_dir(data_root, name)
-    meta = load_meta(data_root, name)
-    files = sorted(folder.glob("*.npz"))
-    splits = {}
-    for f in files:
-        try:
-            with np.load(f) as npz:
-                splits[f.stem] = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read {f}: {err}. Re-create it: `python -m pipeline.prepare data={name}`.") from err
+    sums = checksums(folder, name)
+    version = hashlib.sha256()
+    content: dict[str, Any] = {}
+    for file in files_to_load(folder, sums):
+        payload = read_verified(folder, file, sums, name)
+        version.update(file.encode() + b"\0")  # as digest_files does: the same version as digest()
+        version.update(payload)
+        content[file] = parse(folder / file, payload, name)
+    splits = {file.removesuffix(".npz"): arrays for file, arrays in content.items() if file.endswith(".npz")}
     missing = {"train", "val", "test"} - splits.keys()
     if missing:
-        raise DataError(f"{folder} lacks split(s) {sorted(missing)}; re-run `python -m pipeline.prepare data={name}`.")
-    vocab_path = folder / "vocab.txt"
-    vocab = vocab_path.read_text().splitlines() if vocab_path.exists() else None
-    return Dataset(splits=splits, meta=meta, vocab=vocab, digest=digest(data_root, name))
+        raise DataError(f"{folder} lacks split(s) {sorted(missing)}; {rebuild_hint(name)}.")
+    meta, vocab = content["meta.json"], content.get("vocab.txt")
+    return Dataset(splits=splits, meta=meta, vocab=vocab, digest=version.hexdigest())
+
+
+def files_to_load(folder: Path, sums: dict[str, str]) -> list[str]:
+    """What ``load`` reads, in ``digest``'s order: the splits and meta.json and vocabulary (recorded or present; a
+    recorded one that is gone is reported missing, a present one not recorded is refused), never stats.json."""
+    present = {p.name for p in folder.glob("*.npz")} | ({"vocab.txt"} if (folder / "vocab.txt").exists() else set())
+    return sorted(present | {"meta.json"} | (sums.keys() - {"stats.json"}))
 
 
 def digest(data_root: str | Path, name: str) -> str:
