@@ -39,10 +39,10 @@ run: setup ## the main job: the default DVC pipeline (prepare data, train, track
 	dvc repro
 
 test: setup ## the fast tier: unit and small integration tests on the toy data (about 2 minutes)
-	pytest -m "not integration and not slow"
+	pytest -m "not integration and not slow" --durations=25
 
 test-integration: setup ## the real-data pipeline, presets, team server, sweeps, real processes (about 15 minutes)
-	pytest -m "integration and not slow"
+	pytest -m "integration and not slow" --durations=25
 
 test-full: setup ## every test: both tiers and the full-size training
 	pytest
