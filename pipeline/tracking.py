@@ -848,7 +848,8 @@ def supersede(cfg: DictConfig, run_ids: list[str], new_id: str | None = None) ->
         client.log_batch(run_id, tags=tags, synchronous=True)
     if new_id:
         client.set_tag(new_id, "supersedes", ",".join(run_ids))
-    log.info("run%s %s ended: %s", "s" * (len(run_ids) > 1), ", ".join(run_ids), new_id and f"superseded by {new_id}")
+    why = f"superseded by {new_id}" if new_id else "its process is gone"
+    log.info("run%s %s ended KILLED or tagged: %s", "s" * (len(run_ids) > 1), ", ".join(run_ids), why)
 
 
 class SweepFailed(SystemExit):
