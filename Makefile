@@ -38,8 +38,8 @@ $(STAMP): pyproject.toml
 run: setup ## the main job: the default DVC pipeline (prepare data, train, track in MLflow)
 	dvc repro
 
-test: setup ## the fast tier: unit and small integration tests on the toy data (about 2 minutes)
-	pytest -m "not integration and not slow" --durations=25
+test: setup ## the fast tier: unit and small integration tests on the toy data, one worker per core (about 2 minutes)
+	pytest -n auto -m "not integration and not slow" --durations=25
 
 test-integration: setup ## the real-data pipeline, presets, team server, sweeps, real processes (about 15 minutes)
 	pytest -m "integration and not slow" --durations=25

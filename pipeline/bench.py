@@ -35,7 +35,7 @@ import pandas as pd
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline import config, data, models, prepare, profile, tasks, tracking
+from pipeline import cells, config, data, models, prepare, profile, tasks, tracking
 from pipeline.baselines import plain_tuned
 from pipeline.train import setup_runtime
 
@@ -93,7 +93,7 @@ def plain_keras(task: tasks.Task) -> keras.Model:
             layers.append(keras.layers.Masking(meta["pad_value"]))
     if lm and m.dropout:
         layers.append(keras.layers.Dropout(m.dropout))
-    cell = models.RECURRENT_LAYERS[m.cell]  # the Keras layer class itself, with none of the pipeline's settings
+    cell = cells.get(m.cell).keras_class()  # the Keras class itself, with none of the pipeline's settings
     for i in range(m.layers):
         rnn = cell(m.units, return_sequences=lm or i < m.layers - 1, stateful=lm, recurrent_dropout=m.recurrent_dropout)
         layers.append(keras.layers.Bidirectional(rnn) if m.bidirectional else rnn)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,41 +21,18 @@ import scikit_posthocs as sp
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from pipeline import cells
+from pipeline.objective import Objective, of_metric, of_runs
+
+objective_of = of_runs  # the objective of MLflow runs (see pipeline.objective)
+
 CONFIDENCE = 0.95  # of every interval
 ALPHA = 0.05  # family-wise error rate of the comparisons with the best (Holm)
 MIN_SEEDS = 3  # fewer seeds: no p-value, "needs more seeds"
 TEST = "paired t-test over matching seeds (Welch's t-test when fewer match), Holm-corrected, two-sided, alpha 0.05"
-CELL_NAMES = {"rnn": "SimpleRNN", "lstm": "LSTM", "gru": "GRU", "birnn": "BiRNN", "bilstm": "BiLSTM", "bigru": "BiGRU"}
 # Params that identify the cell (shown by its name) or never differ in a way worth a column.
 NOT_VARYING = ("params.seed", "params.model.cell", "params.model.bidirectional")
 NOT_IN_LABEL = ("params.model.param_budget",)  # a column of its own; the units it chose name the row
-
-
-@dataclass(frozen=True)
-class Objective:
-    """The metric a dataset is judged on: accuracy (higher is better) or perplexity (lower is better)."""
-
-    metric: str
-    higher: bool
-
-    @property
-    def test(self) -> str:
-        return f"test/{self.metric}"
-
-    @property
-    def val(self) -> str:
-        return f"val/{self.metric}"
-
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.higher else a < b
-
-
-def objective_of(runs: pd.DataFrame) -> Objective:
-    """Perplexity for a language model's runs, accuracy otherwise."""
-    for column in ("metrics.test/perplexity", "metrics.val/perplexity"):  # val: pruned trials have no test metric
-        if column in runs and runs[column].notna().any():
-            return Objective("perplexity", False)
-    return Objective("accuracy", True)
 
 
 def interval(values: Any) -> dict[str, float]:
@@ -81,12 +57,6 @@ def derived_config_id(row: pd.Series) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def best_val(curves: pd.DataFrame, objective: Objective) -> pd.Series:
-    """Each run's best epoch on the validation metric (highest accuracy, lowest perplexity), by run id."""
-    val = curves[curves["key"] == objective.val].groupby("run_id")["value"]
-    return val.max() if objective.higher else val.min()
-
-
 def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     """One row per (configuration, seed): the newest run of each, its test metric, best validation metric (best
     epoch), seconds per epoch, size, cell and params."""
@@ -108,7 +78,7 @@ def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> p
             "end_time": runs.get("end_time"),
         }
     )
-    table["best_val"] = table["run_id"].map(best_val(curves, objective))
+    table["best_val"] = table["run_id"].map(objective.best_val(curves))
     table["s_per_epoch"] = table["run_id"].map(seconds)
     for col in runs.columns:
         if col.startswith(("params.", "tags.anchor.", "tags.preset", "tags.sweep")):
@@ -130,7 +100,7 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
 def label(row: pd.Series, varying: list[str]) -> str:
     """``GRU``, or ``GRU units=149`` where more than the cell varies. A setting and its resolved value that agree
     (``trainer.precision`` and ``precision``) show once; two different keys with one short name show in full."""
-    cell = CELL_NAMES.get(row["cell"], row["cell"] or "?")
+    cell = cells.display(row["cell"])
     pieces: list[str] = []
     names: set[str] = set()
     for c in (c for c in varying if c not in NOT_IN_LABEL):
@@ -290,7 +260,7 @@ def anchors(runs: pd.DataFrame) -> pd.DataFrame:
     for (preset, _), group in anchored.groupby(["preset", "config_id"]):
         first = group.iloc[-1]
         metric = first["tags.anchor.metric"]
-        higher = metric.endswith("accuracy")
+        higher = of_metric(metric).higher
         column = "test" if metric.startswith("test/") else "best_val"
         ours, published = interval(group[column]), float(first["tags.anchor.value"])
         if ours["n"] > 1 and ours["ci_low"] <= published <= ours["ci_high"]:
@@ -405,7 +375,7 @@ def trials(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> pd
             "state": found.get("tags.trial_state", pd.Series([None] * len(found)))
             .where(found.get("status", pd.Series(["FINISHED"] * len(found))) != "FAILED", "FAILED")
             .fillna("COMPLETE"),
-            "best_val": found["run_id"].map(best_val(curves, objective)),
+            "best_val": found["run_id"].map(objective.best_val(curves)),
             "run_id": found["run_id"],
             **{c: found[c] for c in found.columns if c.startswith("params.") and c != "params.seed"},
         }
@@ -449,7 +419,7 @@ def tuning_summary(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
         rows.append(
             {
                 "study": study,
-                "cell": CELL_NAMES.get(group["cell"].iloc[0], group["cell"].iloc[0]),
+                "cell": cells.display(group["cell"].iloc[0]),
                 "trials": len(group),
                 "pruned": int((group["state"] == "PRUNED").sum()),
                 "failed": int((group["state"] == "FAILED").sum()),

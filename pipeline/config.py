@@ -24,10 +24,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import cells
+
 ROOT = Path(__file__).resolve().parents[1]
 """The checkout this package lives in: every default path hangs off it, never off the working directory."""
 
-CELLS = ("rnn", "lstm", "gru")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 TRUNCATE = ("pre", "post")
 PRECISIONS = ("float32", "bfloat16_grad", "bfloat16_output", "mixed_bfloat16", "mixed_float16", "auto")
@@ -517,7 +518,6 @@ STRATEGIES = ("greedy", "sample")
 ANCHOR_METRICS = ("test/accuracy", "test/perplexity", "val/accuracy", "val/perplexity")
 # Keys with a fixed set of values: (what a value is called, the choices).
 CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "model.cell": ("cell type", CELLS),
     "optimizer.name": ("optimizer", OPTIMIZERS),
     "trainer.precision": ("precision", PRECISIONS),
     "trainer.kernels": ("kernel choice", ("auto", "fused", "keras")),
@@ -591,7 +591,7 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     only the sections that entry point reads are checked."""
     cfg = OmegaConf.masked_copy(cfg, [f.name for f in fields(TOP_SCHEMAS[top]) if f.name in cfg])
     _check_schema(cfg, schema_of(cfg, top), resolve=top == "config" or "data" in cfg)  # others name no dataset
-    bounds, choices = dict(BOUNDS), dict(CHOICES)
+    bounds, choices = dict(BOUNDS), {**CHOICES, "model.cell": ("cell type", cells.names())}  # cells: registered now
     if "data" in cfg:
         d, source = cfg.data, cfg.data.source
         bounds.update(DATA_BOUNDS[source])

@@ -262,6 +262,3 @@ class FusedSimpleRNN(_Fused, keras.layers.SimpleRNN):
     def sequence(self, xz, states):
         out, h = rnn_sequence(xz, states[0], tf.convert_to_tensor(self.cell.recurrent_kernel))
         return out, [h]
-
-
-FUSED_LAYERS: dict[str, type] = {"lstm": FusedLSTM, "gru": FusedGRU, "rnn": FusedSimpleRNN}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,15 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import kernels
-from pipeline.config import CELLS, OPTIMIZERS
-
-RECURRENT_LAYERS: dict[str, type] = {
-    "rnn": keras.layers.SimpleRNN,
-    "lstm": keras.layers.LSTM,
-    "gru": keras.layers.GRU,
-}
-assert tuple(RECURRENT_LAYERS) == CELLS
+from pipeline import cells, kernels
+from pipeline.config import OPTIMIZERS
 
 
 @functools.cache
@@ -113,23 +107,37 @@ def recurrent_layer(
     dtype: str | None = None,
     fused: bool = False,
 ) -> keras.layers.Layer:
-    """One recurrent layer of ``cfg.cell``, bidirectional if asked. ``cfg.unroll`` is ignored on a GPU: an unrolled
-    layer cannot use the cuDNN kernel. ``fused``: the layer trains with ``pipeline.kernels``' loops (same weights)."""
-    if cfg.cell not in RECURRENT_LAYERS:
-        raise ValueError(f"unknown cell type {cfg.cell!r}; valid cell types: {', '.join(CELLS)}")
-    layer = (kernels.FUSED_LAYERS if fused else RECURRENT_LAYERS)[cfg.cell](
-        cfg.units,
-        return_sequences=return_sequences,
-        recurrent_dropout=cfg.recurrent_dropout,
-        stateful=stateful,
-        unroll=bool(cfg.get("unroll")) and not gpu_available(),
-        dtype=dtype,
-        name=name,
-        **initializers(cfg),
-    )
+    """One recurrent layer of ``cfg.cell`` (see ``pipeline.cells``), bidirectional if asked. ``cfg.unroll`` is ignored
+    on a GPU: an unrolled layer cannot use the cuDNN kernel. ``fused``: the layer trains with the cell's fused kernel
+    (same weights) when it has one, else with Keras' loop."""
+    cell = cells.get(cfg.cell)
+    cls = (fused and cell.fused_class()) or cell.keras_class()
+    settings = {"recurrent_dropout": cfg.recurrent_dropout, **initializers(cfg)}
+    common = {
+        "return_sequences": return_sequences,
+        "stateful": stateful,
+        "unroll": bool(cfg.get("unroll")) and not gpu_available(),
+        "dtype": dtype,
+        "name": name,
+    }
+    if issubclass(cls, keras.layers.RNN):  # a whole layer: LSTM, GRU, SimpleRNN, their fused kernels
+        layer = cls(cfg.units, **settings, **common)
+    else:  # a cell, which keras.layers.RNN runs over the sequence
+        layer = keras.layers.RNN(cls(cfg.units, **cell_settings(cls, settings, cfg.cell), dtype=dtype), **common)
     if cfg.bidirectional:
         layer = keras.layers.Bidirectional(layer, name=f"bi_{name}", dtype=dtype)
     return layer
+
+
+def cell_settings(cls: type, settings: dict[str, Any], name: str) -> dict[str, Any]:
+    """The model settings a cell class takes (its ``__init__`` names them). One it does not take may only be left
+    at its default (0 recurrent dropout, Keras' initialisers): asked for, it is an error that says which."""
+    accepted = inspect.signature(cls.__init__).parameters
+    unsupported = [key for key, value in settings.items() if key not in accepted and value]
+    if unsupported:
+        keys = ", ".join(dict.fromkeys("model.init_scale" if "initializer" in k else f"model.{k}" for k in unsupported))
+        raise cells.CellError(f"cell {name!r} ({cls.__name__}) takes no {', '.join(unsupported)}: leave {keys} unset")
+    return {key: value for key, value in settings.items() if key in accepted}
 
 
 def input_block(

@@ -33,13 +33,11 @@ import pandas as pd
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from pipeline import config, data, tasks
+from pipeline import cells, config, data, tasks
 
 log = logging.getLogger(__name__)
 
 config.register()
-
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # the recurrent kernel's width in units
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ def step_matmuls(cfg: DictConfig, meta: dict[str, Any], precision: str, steps: i
     layer and direction the input projections (one matmul over all steps, as the fused kernels run them), the
     recurrent matmul each step, and their backward matmuls; for a language model the output layer's three."""
     m, batch = cfg.model, cfg.trainer.batch_size
-    rows, units, width = batch * steps, m.units, GATES[m.cell] * m.units
+    rows, units, width = batch * steps, m.units, cells.get(m.cell).gates * m.units
     directions = 2 if m.bidirectional else 1
     features = (m.embedding_dim or units) if meta["input"] == "tokens" or meta["kind"] == "language_model" else 0
     features = features or meta.get("features", units)

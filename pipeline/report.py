@@ -19,6 +19,7 @@ import scikit_posthocs as sp
 from omegaconf import DictConfig
 
 from pipeline import compare, config, data, tracking
+from pipeline.objective import Objective, of_curves, of_runs
 from pipeline.redaction import redact
 
 matplotlib.use("Agg")  # files only, no display
@@ -47,20 +48,13 @@ COLUMNS = {
 CURVE_KEYS = ["val/loss", "val/accuracy", "val/perplexity", "perf/epoch_seconds"]
 
 
-def objective(runs: pd.DataFrame) -> tuple[str, bool]:
-    """The metric that ranks a dataset's runs and whether higher is better: perplexity for a language model."""
-    if "metrics.test/perplexity" in runs and runs["metrics.test/perplexity"].notna().any():
-        return "perplexity", False
-    return "accuracy", True
-
-
 def leaderboard(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     """One row per run: cell, key hyper-parameters, size, best validation and test metric, epochs, time."""
-    metric, higher = objective(runs)
+    objective = of_runs(runs)
+    metric, higher = objective.metric, objective.higher
     table = pd.DataFrame({name: runs.get(col) for name, col in COLUMNS.items()})
     table["sweep"] = table["sweep"].fillna("")
-    val = curves[curves["key"] == f"val/{metric}"].groupby("run_id")["value"]
-    table[f"best val {metric}"] = table["run_id"].map(val.max() if higher else val.min())
+    table[f"best val {metric}"] = table["run_id"].map(objective.best_val(curves))
     table[f"test {metric}"] = runs[f"metrics.test/{metric}"].values
     seconds = curves[curves["key"] == "perf/epoch_seconds"].groupby("run_id")["value"]
     table["s/epoch"] = table["run_id"].map(seconds.mean()).round(1)
@@ -95,7 +89,7 @@ def leaderboard(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
 def plot_curves(name: str, table: pd.DataFrame, runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
     """Validation loss and the task metric per epoch: per configuration the mean over seeds, shaded with its 95%
     interval (a configuration with one seed is a plain line)."""
-    metric, _ = objective_from_curves(curves)
+    metric = of_curves(curves).metric
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = dict(zip(table["config_id"], table["label"], strict=True))
     for ax, key in zip(axes, ["val/loss", f"val/{metric}"], strict=True):
@@ -112,11 +106,7 @@ def plot_curves(name: str, table: pd.DataFrame, runs: pd.DataFrame, curves: pd.D
     return save(fig, out / f"{name}_curves.png")
 
 
-def objective_from_curves(curves: pd.DataFrame) -> tuple[str, bool]:
-    return ("perplexity", False) if (curves["key"] == "val/perplexity").any() else ("accuracy", True)
-
-
-def plot_trade_offs(name: str, table: pd.DataFrame, objective: compare.Objective, out: Path) -> list[Path]:
+def plot_trade_offs(name: str, table: pd.DataFrame, objective: Objective, out: Path) -> list[Path]:
     """The test metric (mean, 95% interval as error bars) against parameter count and against seconds per epoch:
     the trade-off fronts."""
     paths = []
@@ -160,14 +150,14 @@ class DatasetReport:
     """One dataset's results: the runs leaderboard, the configurations aggregated over seeds, and the files."""
 
     name: str
-    objective: compare.Objective
+    objective: Objective
     board: pd.DataFrame
     runs: pd.DataFrame
     table: pd.DataFrame
     files: list[Path]
 
 
-def shown(table: pd.DataFrame, objective: compare.Objective) -> pd.DataFrame:
+def shown(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     """The aggregated table as a reader sees it: mean ± std and the 95% interval in one cell each."""
     digits = 4 if objective.higher else 2
 
@@ -198,7 +188,7 @@ def shown(table: pd.DataFrame, objective: compare.Objective) -> pd.DataFrame:
 def write_dataset(name: str, runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> DatasetReport:
     """One dataset's leaderboard and aggregated comparison (Markdown, CSV), curves (CSV) and figures."""
     runs = runs.reset_index(drop=True)
-    board, objective = leaderboard(runs, curves), compare.objective_of(runs)
+    board, objective = leaderboard(runs, curves), of_runs(runs)
     per_run = compare.per_run(runs, curves, objective)
     table = compare.aggregate(per_run, objective)
     files = [out / "leaderboards" / f"{name}.csv", out / "leaderboards" / f"{name}.md", out / "curves" / f"{name}.csv"]
@@ -266,7 +256,7 @@ def write_tuning(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[l
         return [], []
     lines, files = ["", "## Tuning budget: expected best vs trials", "", f"Curves: {compare.TUNING}.", ""], []
     for (dataset, sweep), group in sorted(runs.groupby(["tags.dataset", "tags.sweep"], dropna=False)):
-        objective = compare.objective_of(group)
+        objective = of_runs(group)
         table = compare.trials(group, curves, objective)
         summary = compare.tuning_summary(table, objective)
         name = f"tuning_{dataset}_{sweep}"
@@ -292,7 +282,7 @@ def write_tuning(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> tuple[l
     return lines, files
 
 
-def plot_tuning(title: str, curves: dict, summary: pd.DataFrame, objective: compare.Objective, path: Path) -> Path:
+def plot_tuning(title: str, curves: dict, summary: pd.DataFrame, objective: Objective, path: Path) -> Path:
     """Each study's expected best validation metric against the number of trials, shaded with its band; with three
     or more cells a second panel zooms in on all but the worst (close curves would hide under one line)."""
     curves = {study: curve for study, curve in curves.items() if len(curve)}  # a study whose trials all failed

@@ -28,6 +28,7 @@ from typing import Any
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.objective import of_metrics
 from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -97,20 +98,9 @@ class Pruned(Exception):
         self.epoch, self.value = epoch, value
 
 
-def objective_key(metrics: dict[str, float]) -> str:
-    """The validation metric a search optimises: perplexity for a language model, else accuracy."""
-    return "val/perplexity" if "val/perplexity" in metrics else "val/accuracy"
-
-
 def best_objective(history: list[dict[str, float]]) -> float:
-    """The best epoch's validation metric (the model early stopping would keep): a trial's result."""
-    if not history:
-        return float("nan")
-    key = objective_key(history[0])
-    values = [h[key] for h in history if key in h and math.isfinite(h[key])]
-    if not values:
-        return float("nan")
-    return min(values) if key == "val/perplexity" else max(values)
+    """A trial's result: its best epoch's validation metric (the model early stopping would keep)."""
+    return of_metrics(history[0] if history else {}).best_epoch(history)
 
 
 def study_storage(search: DictConfig, tracking_uri: str) -> str:
@@ -176,9 +166,9 @@ class TrialLink:
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         """Report the epoch; raise ``Pruned`` when the pruner says stop."""
-        key = objective_key(metrics)
-        check_direction(self.study, "minimize" if key == "val/perplexity" else "maximize")
-        value = metrics.get(key, float("nan"))
+        objective = of_metrics(metrics)
+        check_direction(self.study, objective.direction)
+        value = metrics.get(objective.val, float("nan"))
         if not math.isfinite(value):
             return  # a diverged epoch is the run's failure to report, not the pruner's decision
         self.trial.report(value, epoch)

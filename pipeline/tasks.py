@@ -20,7 +20,7 @@ import tensorflow as tf
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline import models
+from pipeline import cells, models
 from pipeline.data import Dataset
 from pipeline.generate import generate
 
@@ -90,6 +90,10 @@ class Task:
         # slower than Keras' loop, and masked input (IMDB, toy) needs Keras' loop.
         lm = dataset.meta["kind"] == "language_model"
         self.kernels = models.resolve_kernels(cfg.trainer.kernels) if lm else "keras"
+        if self.kernels == "fused" and cells.get(cfg.model.cell).fused is None:  # the fused loss and optimizer only
+            self.kernels_tag = f"fused, Keras' loop for {cfg.model.cell} (it has no fused kernel)"
+        else:
+            self.kernels_tag = self.kernels
         self.scope = distribution_scope(cfg)
         with self.scope:
             self.model = self.build()

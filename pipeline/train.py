@@ -28,6 +28,7 @@ from omegaconf import DictConfig, open_dict
 
 from pipeline import config, data, models, sweep, tasks, tracking
 from pipeline.checkpoint import Checkpoint, CheckpointError, save_model_atomic
+from pipeline.objective import of_metrics
 from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,8 @@ def skipped(cfg: DictConfig, run, job: str) -> dict[str, Any]:
     run_id = run.info.run_id
     log.info("skipped: this sweep FINISHED this job (%s, seed %s) as run %s", job, cfg.seed, run_id)
     metrics = dict(run.data.metrics)
-    key = sweep.objective_key(metrics)
-    values = tracking.metric_histories(cfg.tracking.uri, [run_id], [key])["value"]
-    best = sweep.best_objective([{key: v} for v in values])
+    objective = of_metrics(metrics)
+    best = objective.best(tracking.metric_histories(cfg.tracking.uri, [run_id], [objective.val])["value"])
     pruned = run.data.tags.get("trial_state") == "PRUNED"
     return {"metrics": metrics, "run_id": run_id, "skipped": True, "pruned": pruned, "best": best}
 
@@ -224,7 +224,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             config.check_prepared(cfg.data, dataset.meta["config"])
         task = tasks.make(cfg, dataset)
         tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
-        tags["kernels"] = task.kernels  # fused or Keras' loops (trainer.kernels as resolved here)
+        tags["kernels"] = task.kernels_tag  # fused or Keras' loops (trainer.kernels as resolved here)
         trial = None if cfg.search.trial is None else sweep.TrialLink(cfg.search, cfg.tracking.uri, cfg.trainer.epochs)
         if trial:
             tags.update(study=cfg.search.study, trial=trial.number)

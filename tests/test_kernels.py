@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import kernels, models, tasks
+from pipeline import cells, kernels, models, tasks
 from tests.conftest import LM_META, lm_cfg
 
 # float32 sums in a different order: outputs agree to a few ulps, gradients through 7 steps to ~1e-5 relative.
@@ -125,7 +125,7 @@ def lm_pair(cell: str) -> tuple[keras.Model, keras.Model]:
 @pytest.mark.parametrize("cell", ["lstm", pytest.param("gru", marks=SLOWER), pytest.param("rnn", marks=SLOWER)])
 def test_fused_language_model_trains_the_same_steps_as_keras(cell):
     reference, fused = lm_pair(cell)
-    assert isinstance(fused.get_layer(f"{cell}_1"), kernels.FUSED_LAYERS[cell])
+    assert isinstance(fused.get_layer(f"{cell}_1"), cells.get(cell).fused_class())
     for a, b in zip(reference.get_weights(), fused.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)  # same initialisation: the fused layers are Keras' layers
     rng = np.random.default_rng(3)

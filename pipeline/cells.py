@@ -1,0 +1,107 @@
+"""The recurrent cells: each one declared once, here, and read by everything else.
+
+A cell is a name (``model.cell``), a display name (tables and plots), the Keras class that computes it, how many
+blocks of ``units`` its recurrent kernel has (its gates: what the profile and the bench count as its arithmetic)
+and, when there is one, its fused CPU kernel (``pipeline.kernels``). Classes are named by import path, so this
+module imports no TensorFlow: the config checks read it at no cost.
+
+The Keras class may be a layer (``keras.layers.LSTM``) or a cell (``keras.layers.SimpleRNNCell``, or your own
+``keras.layers.Layer`` with ``state_size`` and ``call(inputs, states)``), which ``keras.layers.RNN`` then runs.
+Bidirectional reading and stacking are wrappers around any cell (``models.recurrent_layer``). A cell without a fused
+kernel runs Keras' loop inside the fused language-model path, and its run's ``kernels`` tag says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+
+class CellError(ValueError):
+    """A cell that is not registered, or whose class cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One recurrent cell. ``keras``/``fused``: a class or its import path (``package.module.Class``)."""
+
+    name: str  # model.cell, and the prefix of its layers' names
+    display: str  # in tables and plots
+    keras: str | type  # a Keras recurrent layer, or a cell that keras.layers.RNN runs
+    gates: int  # blocks of `units` in its recurrent kernel: 1 SimpleRNN, 3 GRU, 4 LSTM
+    fused: str | type | None = None  # its fused CPU kernel (a subclass of the Keras layer), if any
+
+    def keras_class(self) -> type:
+        return load(self.keras, f"cell {self.name!r}")
+
+    def fused_class(self) -> type | None:
+        return None if self.fused is None else load(self.fused, f"cell {self.name!r}'s fused kernel")
+
+
+_REGISTRY: dict[str, Cell] = {}
+
+
+def load(target: str | type, what: str) -> type:
+    """The class ``target`` names (``package.module.Class``), or ``target`` itself when it is one."""
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CellError(f"{what}: cannot load {target!r} ({err}); give an importable package.module.Class") from err
+
+
+def register(cell: Cell) -> Cell:
+    """Add ``cell`` (its name must be new, and usable as a layer name)."""
+    if not cell.name.isidentifier() or cell.name.startswith("bi"):
+        raise CellError(f"cell name {cell.name!r}: letters, digits and '_', not starting with 'bi' (Bidirectional's)")
+    if cell.name in _REGISTRY:
+        raise CellError(f"cell {cell.name!r} is already registered")
+    if cell.gates < 1:
+        raise CellError(f"cell {cell.name!r}: gates must be at least 1, got {cell.gates}")
+    _REGISTRY[cell.name] = cell
+    return cell
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+@contextmanager
+def registered(cell: Cell) -> Iterator[Cell]:
+    """``cell`` registered for the ``with`` block only (a test's, or a script's own cell)."""
+    register(cell)
+    try:
+        yield cell
+    finally:
+        unregister(cell.name)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Cell:
+    """The cell called ``name``; an unknown one is an error that lists the known ones."""
+    if name not in _REGISTRY:
+        raise CellError(f"unknown cell type {name!r}; valid cell types: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def display(name: Any) -> str:
+    """``lstm`` -> ``LSTM``, ``bilstm`` -> ``BiLSTM`` (a run's ``cell`` tag); anything else as it is."""
+    text = str(name or "") or "?"
+    if text in _REGISTRY:
+        return _REGISTRY[text].display
+    if text.startswith("bi") and text[2:] in _REGISTRY:
+        return "Bi" + _REGISTRY[text[2:]].display
+    return text
+
+
+register(Cell("rnn", "SimpleRNN", "keras.layers.SimpleRNN", gates=1, fused="pipeline.kernels.FusedSimpleRNN"))
+register(Cell("lstm", "LSTM", "keras.layers.LSTM", gates=4, fused="pipeline.kernels.FusedLSTM"))
+register(Cell("gru", "GRU", "keras.layers.GRU", gates=3, fused="pipeline.kernels.FusedGRU"))
