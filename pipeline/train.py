@@ -86,13 +86,12 @@ def sigterm_as_interrupt(interrupts: tracking.Interrupts):
         signal.signal(signal.SIGTERM, previous)
 
 
-def size_to_budget(cfg: DictConfig) -> None:
+def size_to_budget(cfg: DictConfig, meta: dict[str, Any]) -> None:
     """With ``model.param_budget``, set ``model.units`` so the whole model has the parameter count nearest the
     budget (cells compared at equal capacity). Before seeding: sizing builds throw-away models."""
     budget = cfg.model.param_budget
     if not budget:
         return
-    meta = data.load_meta(cfg.paths.data, cfg.data.name)
     units, count = models.units_for_budget(cfg.model, meta, budget)
     log.info(
         "model.param_budget=%d: %d units give %d parameters (%+.2f%%)",
@@ -156,11 +155,12 @@ def lock_run(cfg: DictConfig, run_id: str) -> tracking.RunLock:
         ) from None
 
 
-def earlier_attempt(cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+def earlier_attempt(cfg: DictConfig, job_id: str) -> tuple[dict[str, Any] | None, str | None, list[str]]:
     """A sweep job that ran before in this sweep (same config_id and seed, or the same search trial, e.g. a resumed
     sweep): its result when a run of it FINISHED (the job is skipped); else the newest run to resume when its
     checkpoint survived; else (None, None, ...) to start afresh. The third item: the job's earlier runs that the
-    run about to train replaces (their process is gone, a kill -9 may have left them RUNNING)."""
+    run about to train replaces (their process is gone, a kill -9 may have left them RUNNING). ``job_id``: the
+    run's ``config_id``."""
     parent = tracking.sweep_parent()
     if not parent or not cfg.tracking.enabled or cfg.trainer.resume_run_id or cfg.trainer.resume:
         return None, None, []
@@ -168,9 +168,7 @@ def earlier_attempt(cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None,
         job = f"{cfg.search.study} trial {cfg.search.trial}"
         attempts = tracking.sweep_attempts(cfg, parent, {"study": cfg.search.study, "trial": cfg.search.trial})
     else:
-        meta = data.load_meta(cfg.paths.data, cfg.data.name)
-        precision = models.resolve_precision(cfg.trainer.precision, meta["kind"])
-        job = config.config_id(cfg, data.digest(cfg.paths.data, cfg.data.name), precision)
+        job = job_id
         attempts = tracking.sweep_attempts(cfg, parent, {"config_id": job, "seed": cfg.seed})
     finished = [r for r in attempts if r.info.status == "FINISHED"]
     if finished:
@@ -201,12 +199,24 @@ def skipped(cfg: DictConfig, run, job: str) -> dict[str, Any]:
     return {"metrics": metrics, "run_id": run_id, "skipped": True, "pruned": pruned, "best": best}
 
 
+def load_dataset(cfg: DictConfig) -> data.Dataset:
+    """The prepared dataset, read and verified once: its meta, digest (the data version) and arrays serve the whole
+    run. ``data.*`` given at train time must be what it was prepared with."""
+    dataset = data.load(cfg.paths.data, cfg.data.name)
+    if "config" in dataset.meta:
+        config.check_prepared(cfg.data, dataset.meta["config"])
+    return dataset
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate on the test split, track everything; return the final metrics and the run id."""
     config.validate(cfg)
-    size_to_budget(cfg)
+    dataset = load_dataset(cfg)
+    size_to_budget(cfg, dataset.meta)
     fingerprint = config.fingerprint(cfg)
-    done, earlier, superseded = earlier_attempt(cfg)
+    precision = models.resolve_precision(cfg.trainer.precision, dataset.meta["kind"])
+    job_id = config.config_id(cfg, dataset.digest, precision)
+    done, earlier, superseded = earlier_attempt(cfg, job_id)
     if done:
         return done
     if earlier:
@@ -219,9 +229,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_id = resume_run_id
     try:
         setup_runtime(cfg)
-        dataset = data.load(cfg.paths.data, cfg.data.name)
-        if "config" in dataset.meta:  # data.* given at train time must be what the data was prepared with
-            config.check_prepared(cfg.data, dataset.meta["config"])
         task = tasks.make(cfg, dataset)
         tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
         tags["kernels"] = task.kernels_tag  # fused or Keras' loops (trainer.kernels as resolved here)
