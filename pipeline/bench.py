@@ -9,7 +9,7 @@ pipeline's path (``Task.train_epoch`` plus the epoch's MLflow logging, with the 
 (d) the hand-tuned plain script ``pipeline/baselines/plain_tuned.py`` (unrolled stateful LSTMs, one compiled
 GradientTape step, clip, SGD, float32); the headline ratio is against the faster baseline. It also times (c) the
 pipeline's path with tracking off, and once a no-op ``dvc repro`` and each dataset's prepare stage. Each case's
-throughput is also given as a fraction of the machine's arithmetic limit for its model (``pipeline.profile.limit``:
+throughput is also given as a fraction of the machine's arithmetic limit for its model (``pipeline.speed.limit``:
 every matmul of a step at the rate this machine runs that shape and dtype).
 Results: ``reports/bench.json`` and ``reports/bench.md``.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import resource
 import statistics
@@ -35,45 +34,12 @@ import pandas as pd
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline import cells, config, data, models, prepare, profile, tasks, tracking
+from pipeline import cells, config, data, models, prepare, speed, tasks, tracking
 from pipeline.baselines import plain_tuned
-from pipeline.train import setup_runtime
 
 log = logging.getLogger(__name__)
 
 config.register()
-
-CASES = {  # case name -> the preset, and overrides; bench.cases picks which run
-    "toy_lstm": ("toy_dynamic",),
-    "ptb_small_lstm": ("ptb_small",),  # as the preset trains: precision auto
-    "ptb_small_lstm_float32": ("ptb_small", "trainer.precision=float32"),
-    "ptb_small_lstm_keras_kernels": ("ptb_small", "trainer.kernels=keras"),  # Keras' loops and loss: the lever's gain
-    "ptb_small_lstm_bf16_output": ("ptb_small", "trainer.precision=bfloat16_output"),  # the whole output layer
-    "imdb_lstm": ("imdb_lstm",),
-    "mnist_lstm": ("mnist_lstm",),
-}
-
-
-def case_config(cfg: DictConfig, case: tuple[str, ...], steps: int, store: Path) -> DictConfig:
-    """The preset's config, composed as `experiment=<preset>` would be, with an "epoch" of ``steps`` steps and
-    tracking into a throw-away store."""
-    preset, *overrides = case
-    return compose(
-        config_name="config",
-        overrides=[
-            f"experiment={preset}",
-            *overrides,
-            f"paths.root={cfg.paths.root}",
-            f"paths.data={cfg.paths.data}",
-            f"trainer.max_steps_per_epoch={steps}",
-            "trainer.max_eval_batches=1",
-            "trainer.verbose=0",
-            "trainer.checkpoint=false",
-            f"tracking.uri=sqlite:///{store}/mlflow.db",
-            f"tracking.artifact_location={store}/artifacts",
-            "tracking.experiment=rnnlab-bench",
-        ],
-    )
 
 
 def plain_keras(task: tasks.Task) -> keras.Model:
@@ -150,7 +116,7 @@ def timed(fn) -> float:
 
 
 def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
-    setup_runtime(cfg)
+    tasks.setup_runtime(cfg)
     dataset = data.load(cfg.paths.data, cfg.data.name)
     task = tasks.make(cfg, dataset)
     baseline = plain_keras(task)
@@ -184,7 +150,7 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
             times["untracked"].append(timed(untracked_path))
             if tuned:
                 times["tuned"].append(timed(tuned))
-    bound = profile.task_limit(task)  # the machine's matmul rates at this model's shapes
+    bound = speed.task_limit(task)  # the machine's matmul rates at this model's shapes
     per_step = {k: [t / steps for t in v] for k, v in times.items() if v}
     rate = {k: units / statistics.median(v) for k, v in times.items() if v}
     steady = units / (steps * statistics.median(step_times.times))
@@ -240,40 +206,25 @@ def prepare_seconds(cfg: DictConfig, store: Path) -> dict[str, float]:
     return out
 
 
-def cpu_flags() -> str:
-    """The CPU's vector and matrix instruction sets that decide matmul speed (AVX2, AVX-512, bfloat16, AMX)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(text.split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_vp2intersect", "amx_bf16", "amx_tile")
-    return " ".join(flag for flag in wanted if flag in flags)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    return platform.processor() or "unknown"
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     config.validate(cfg, "bench")
-    unknown = [name for name in cfg.bench.cases if name not in CASES]
+    unknown = [name for name in cfg.bench.cases if name not in speed.CASES]
     if unknown:  # before any case runs: a typo in the last one must not cost the minutes of the others
-        raise ValueError(f"bench.cases: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
+        raise ValueError(f"bench.cases: unknown case {unknown[0]!r}; choose from {', '.join(speed.CASES)}")
     results: dict[str, Any] = {
         "machine": platform.platform(),
         "python": platform.python_version(),
         "keras": keras.__version__,
-        "cpu": cpu_model(),
+        "cpu": speed.cpu_model(),
         "cpu_bf16": models.cpu_bf16_matmul(),
-        "cpu_flags": cpu_flags(),
+        "speed.cpu_flags": speed.cpu_flags(),
         "gpu": models.gpu_available(),
         "cases": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         for name in cfg.bench.cases:
-            case_cfg = case_config(cfg, CASES[name], cfg.bench.steps, store)
+            case_cfg = speed.case_config(cfg, speed.CASES[name], cfg.bench.steps, store)
             try:
                 results["cases"].append(bench_case(name, case_cfg, cfg.bench.rounds))
             except data.DataError as err:
@@ -285,7 +236,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.reports)
     data.write_json(out / "bench.json", results)
     table = pd.DataFrame(results["cases"])
-    machine = ", ".join(filter(None, [results["cpu"], results["cpu_flags"], "GPU" if results["gpu"] else None]))
+    machine = ", ".join(filter(None, [results["cpu"], results["speed.cpu_flags"], "GPU" if results["gpu"] else None]))
     lines = ["# Benchmark", "", f"{machine}; Python {results['python']}, Keras {results['keras']}", ""]
     if not table.empty:
         lines += [table.to_markdown(index=False), ""]

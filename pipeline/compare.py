@@ -22,9 +22,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from pipeline import cells
-from pipeline.objective import Objective, of_metric, of_runs
-
-objective_of = of_runs  # the objective of MLflow runs (see pipeline.objective)
+from pipeline.objective import Objective, of_metric
 
 CONFIDENCE = 0.95  # of every interval
 ALPHA = 0.05  # family-wise error rate of the comparisons with the best (Holm)

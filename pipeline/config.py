@@ -24,7 +24,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import cells
+from pipeline import cells, sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 """The checkout this package lives in: every default path hangs off it, never off the working directory."""
@@ -514,7 +514,7 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     **{key: bound for key, bound in BOUNDS.items() if key.startswith("tracking.")},
 }
 STANDARDIZE = ("lower_and_strip_punctuation", "lower", "strip_punctuation")
-STRATEGIES = ("greedy", "sample")
+STRATEGIES = sampling.STRATEGIES
 ANCHOR_METRICS = ("test/accuracy", "test/perplexity", "val/accuracy", "val/perplexity")
 # Keys with a fixed set of values: (what a value is called, the choices).
 CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -13,71 +13,18 @@ import logging
 import sys
 
 import hydra
-import keras
-import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import config, tracking
+from pipeline.sampling import generate
 
 log = logging.getLogger(__name__)
 
 config.register()
 
-STRATEGIES = config.STRATEGIES
-UNK = "<unk>"
-
 
 class GenerateError(ValueError):
     """The run named cannot generate text (not a language model, no model logged); the message says which to pick."""
-
-
-def encode_prime(prime: str, vocab: list[str]) -> list[int]:
-    """Word ids of ``prime``; unknown words become ``<unk>`` with a warning rather than an error."""
-    index = {word: i for i, word in enumerate(vocab)}
-    unknown = [word for word in prime.split() if word not in index]
-    if unknown:
-        log.warning("not in the vocabulary, read as %s: %s", UNK, " ".join(unknown))
-    return [index.get(word, index[UNK]) for word in prime.split()]
-
-
-def next_word(logits: np.ndarray, strategy: str, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """Pick the next id from one step's logits. Temperature 0 is the limit of ever sharper sampling: greedy."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be at least 0 (0 = greedy), got {temperature}")
-    if strategy == "greedy" or temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if top_k:
-        cutoff = np.sort(scaled)[-min(top_k, len(scaled))]
-        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
-    probs = np.exp(scaled - scaled.max())
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
-
-
-def generate(
-    model: keras.Model,
-    vocab: list[str],
-    prime: str,
-    words: int,
-    strategy: str = "sample",
-    temperature: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    context: int = 100,
-) -> list[str]:
-    """``words`` words continuing ``prime``. The model reads the last ``context`` ids afresh at every step, so
-    any stateless language model (the form logged to MLflow) works."""
-    ids = encode_prime(prime, vocab) or [vocab.index("<eos>")]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(words):
-        logits = model(np.array([ids[-context:]], dtype=np.int32), training=False)
-        choice = next_word(np.asarray(logits)[0, -1], strategy, temperature, top_k, rng)
-        ids.append(choice)
-        out.append(vocab[choice])
-    return out
 
 
 def language_model_run(cfg: DictConfig, run_id: str) -> None:

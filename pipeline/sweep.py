@@ -76,6 +76,17 @@ def resume_mode(value: object) -> str:
     return mode
 
 
+def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
+    """The sweep's command-line overrides and named sweep parameters, as ``{key: "a,b,c"}`` (redacted)."""
+    out = {}
+    for item in list(hydra_cfg.overrides.task) + [
+        f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()
+    ]:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = redact(value)
+    return out
+
+
 def sweep_key(overrides: dict[str, str]) -> str:
     """What makes two sweep commands the same sweep: their overrides and sweep parameters, less how they run."""
     kept = {k: v for k, v in overrides.items() if not k.startswith(KEY_IGNORES)}
@@ -111,7 +122,7 @@ def study_storage(search: DictConfig, tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         return f"journal:{db.with_name(db.stem + '-optuna.journal')}"
-    from pipeline.server import DEFAULT_DIR, ServerError, TeamServer
+    from pipeline.teamserver import DEFAULT_DIR, ServerError, TeamServer
 
     try:
         return TeamServer.load(DEFAULT_DIR).search_storage
@@ -262,8 +273,6 @@ class OptunaSweeper(Sweeper):
         return wanted
 
     def base_name(self) -> str:
-        from pipeline.tracking import sweep_overrides
-
         if self.study_name:
             return str(self.study_name)
         key = sweep_key(sweep_overrides(self.config.hydra))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import cells, models
 from pipeline.data import Dataset
-from pipeline.generate import generate
+from pipeline.sampling import generate
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ def distribution_scope(cfg: DictConfig):
         return contextlib.nullcontext()
     log.info("trainer.distribute: mirroring over %d GPUs (global batch %d)", len(gpus), cfg.trainer.batch_size)
     return tf.distribute.MirroredStrategy().scope()
+
+
+def setup_runtime(cfg: DictConfig) -> None:
+    """Seeds, determinism and thread counts, before any model is built."""
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.trainer.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.trainer.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.trainer.inter_op_threads)
+    except RuntimeError:  # TF already started in this process (tests, notebooks): keep its threads
+        log.debug("TensorFlow already initialised; thread settings unchanged")
 
 
 class Task:

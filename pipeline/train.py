@@ -21,7 +21,6 @@ from typing import Any
 
 import hydra
 import keras
-import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
@@ -53,18 +52,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, run_id: str | None, epochs_done: int, signum: int | None):
         super().__init__(run_id)
         self.run_id, self.epochs_done, self.signum = run_id, epochs_done, signum
-
-
-def setup_runtime(cfg: DictConfig) -> None:
-    """Seeds, determinism and thread counts, before any model is built."""
-    keras.utils.set_random_seed(cfg.seed)
-    if cfg.trainer.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(cfg.trainer.intra_op_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(cfg.trainer.inter_op_threads)
-    except RuntimeError:  # TF already started in this process (tests, notebooks): keep its threads
-        log.debug("TensorFlow already initialised; thread settings unchanged")
 
 
 @contextmanager
@@ -228,7 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     run_id = resume_run_id
     try:
-        setup_runtime(cfg)
+        tasks.setup_runtime(cfg)
         task = tasks.make(cfg, dataset)
         tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
         tags["kernels"] = task.kernels_tag  # fused or Keras' loops (trainer.kernels as resolved here)

@@ -22,7 +22,7 @@ from types import FrameType
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import config, server, tracking
+from pipeline import config, teamserver, tracking
 from pipeline.redaction import redact
 
 config.register()
@@ -71,12 +71,12 @@ def port_in_use(cfg: DictConfig) -> str | None:
     """One line naming who holds the dashboard's port and a free one to ask for, or None when it is free. Checked
     before starting because ``mlflow ui`` on a taken port logs one error among its start-up lines and exits 0."""
     host, port = cfg.ui.host, int(cfg.ui.port)
-    if not server.port_taken(host, port):
+    if not teamserver.port_taken(host, port):
         return None
-    holders = [pid for pid in server.port_listeners(port) or [] if pid]
-    who = server.describe(holders[0]) if holders else "another program"
-    nearby = (p for p in range(port + 1, min(port + 100, 65536)) if not server.port_taken(host, p))
-    spare = next(nearby, None) or server.free_port()
+    holders = [pid for pid in teamserver.port_listeners(port) or [] if pid]
+    who = teamserver.describe(holders[0]) if holders else "another program"
+    nearby = (p for p in range(port + 1, min(port + 100, 65536)) if not teamserver.port_taken(host, p))
+    spare = next(nearby, None) or teamserver.free_port()
     return f"port {port} on {host} is already in use by {who}: choose a free one with ui.port={spare}, or stop it"
 
 
@@ -125,9 +125,9 @@ def wait(proc: subprocess.Popen, forwarder: Forwarder, grace: float) -> int:
 def clear_group(pgid: int, deadline: float) -> None:
     """Stop what is left of the server's group once its leader has exited (its job runners outlive it by seconds,
     or for good when it was killed): SIGTERM now, SIGKILL from ``deadline`` on, until none of it runs."""
-    if server.group_commands(pgid):
+    if teamserver.group_commands(pgid):
         signal_group(pgid, signal.SIGTERM)
-    while server.group_commands(pgid) and time.monotonic() < deadline + GRACE:  # (SIGKILL takes a moment at most)
+    while teamserver.group_commands(pgid) and time.monotonic() < deadline + GRACE:  # (SIGKILL takes a moment at most)
         if time.monotonic() >= deadline:
             signal_group(pgid, signal.SIGKILL)
         time.sleep(POLL)

@@ -22,7 +22,7 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.pop("RNNLAB_ROOT", None)
 
-from pipeline import config, server  # noqa: E402
+from pipeline import config, teamserver  # noqa: E402
 from pipeline.data import Dataset, save  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,8 +86,8 @@ def mirror_path() -> Path | None:
 
 def have_postgres() -> bool:
     try:
-        server.pg_bin("initdb")
-    except server.ServerError:
+        teamserver.pg_bin("initdb")
+    except teamserver.ServerError:
         return False
     return True
 

@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, generate, tracking
+from pipeline import config, generate, sampling, tracking
 from tests.conftest import REPO, TINY_VOCAB, compose_config, copy_store
 
 LOGITS = np.log(np.array([0.1, 0.6, 0.3]))
@@ -20,31 +20,31 @@ VOCAB = TINY_VOCAB  # 20 words
 
 
 def test_greedy_takes_the_likeliest_word():
-    assert generate.next_word(LOGITS, "greedy", 1.0, 0, np.random.default_rng(0)) == 1
+    assert sampling.next_word(LOGITS, "greedy", 1.0, 0, np.random.default_rng(0)) == 1
 
 
 def test_sampling_is_seeded_and_follows_the_distribution():
-    draws = [generate.next_word(LOGITS, "sample", 1.0, 0, np.random.default_rng(s)) for s in range(2000)]
+    draws = [sampling.next_word(LOGITS, "sample", 1.0, 0, np.random.default_rng(s)) for s in range(2000)]
     freq = np.bincount(draws, minlength=3) / len(draws)
     np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.04)
-    again = [generate.next_word(LOGITS, "sample", 1.0, 0, np.random.default_rng(s)) for s in range(50)]
+    again = [sampling.next_word(LOGITS, "sample", 1.0, 0, np.random.default_rng(s)) for s in range(50)]
     assert again == draws[:50]
 
 
 def test_top_k_and_temperature():
     rng = np.random.default_rng(0)
-    assert {generate.next_word(LOGITS, "sample", 1.0, 1, rng) for _ in range(50)} == {1}  # top-1 is greedy
-    assert {generate.next_word(LOGITS, "sample", 1.0, 2, rng) for _ in range(200)} == {1, 2}  # word 0 cut
-    cold = [generate.next_word(LOGITS, "sample", 0.05, 0, rng) for _ in range(200)]
+    assert {sampling.next_word(LOGITS, "sample", 1.0, 1, rng) for _ in range(50)} == {1}  # top-1 is greedy
+    assert {sampling.next_word(LOGITS, "sample", 1.0, 2, rng) for _ in range(200)} == {1, 2}  # word 0 cut
+    cold = [sampling.next_word(LOGITS, "sample", 0.05, 0, rng) for _ in range(200)]
     assert cold.count(1) >= 198  # a low temperature is nearly greedy
     with pytest.raises(ValueError, match="unknown strategy 'beam'"):
-        generate.next_word(LOGITS, "beam", 1.0, 0, rng)
+        sampling.next_word(LOGITS, "beam", 1.0, 0, rng)
 
 
 def test_temperature_zero_is_greedy():
     # Was: "temperature must be positive" from deep inside the sampler.
     logits = np.log(np.array([0.3, 0.2, 0.5]))
-    draws = {generate.next_word(logits, "sample", 0.0, 0, np.random.default_rng(s)) for s in range(100)}
+    draws = {sampling.next_word(logits, "sample", 0.0, 0, np.random.default_rng(s)) for s in range(100)}
     assert draws == {2}
 
 
@@ -58,7 +58,7 @@ def test_generate_from_an_mlflow_run(trained_lm, caplog):
     # Temperature 0 samples greedily: the same words whatever the seed.
     model = tracking.load_model(result["model_uri"])
     for seed in (0, 1):
-        words = generate.generate(model, VOCAB, "the company said", 7, "sample", temperature=0.0, seed=seed)
+        words = sampling.generate(model, VOCAB, "the company said", 7, "sample", temperature=0.0, seed=seed)
         assert "the company said " + " ".join(words) == greedy
     # By model URI too, sampled and seeded; an unknown prime word becomes <unk> with a warning, not a crash.
     cfg.run_id, cfg.model_uri = None, result["model_uri"]

@@ -5,7 +5,7 @@ model whose parts are all there."""
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import data, profile, tasks
+from pipeline import data, profile, speed, tasks
 from tests.conftest import compose_config
 
 PTB = {"name": "ptb", "kind": "language_model", "input": "tokens", "vocab_size": 10000}
@@ -14,7 +14,7 @@ MNIST = {"name": "mnist", "kind": "classification", "input": "steps", "features"
 
 def test_ptb_small_step_runs_the_flops_counted_by_hand():
     cfg = compose_config(["experiment=ptb_small"])
-    matmuls = profile.step_matmuls(cfg, PTB, "bfloat16_grad", steps=20)
+    matmuls = speed.step_matmuls(cfg, PTB, "bfloat16_grad", steps=20)
     # Per token: output layer 3 x 2 x 200 x 10,000 = 12 MFLOP; per LSTM layer 6 matmuls of 2 x 200 x 800 = 1.92 MFLOP.
     per_token = sum(mm.flops for mm in matmuls) / (20 * 20)
     assert per_token == 3 * 2 * 200 * 10_000 + 2 * 6 * 2 * 200 * 800
@@ -27,7 +27,7 @@ def test_ptb_small_step_runs_the_flops_counted_by_hand():
 def test_classifier_step_has_no_output_layer_matmuls_and_reads_its_features():
     cfg = OmegaConf.create({"model": {"cell": "gru", "units": 8, "layers": 1, "bidirectional": True,
                                       "embedding_dim": None}, "trainer": {"batch_size": 4}})  # fmt: skip
-    matmuls = profile.step_matmuls(cfg, MNIST, "float32", steps=28)
+    matmuls = speed.step_matmuls(cfg, MNIST, "float32", steps=28)
     assert {mm.part for mm in matmuls} == {"recurrent forward", "recurrent backward"}
     projection = matmuls[0]
     assert (projection.m, projection.k, projection.n, projection.count) == (4 * 28, 28, 24, 2)  # 3 gates, 2 ways
@@ -36,7 +36,7 @@ def test_classifier_step_has_no_output_layer_matmuls_and_reads_its_features():
 @pytest.mark.parametrize("shape", [(8, 16, 64, 1), (4, 32, 8, 5)])
 def test_matmul_probe_measures_a_rate(shape):
     m, k, n, chain = shape
-    rate = profile.matmul_rate(m, k, n, chain=chain, seconds=0.02)
+    rate = speed.matmul_rate(m, k, n, chain=chain, seconds=0.02)
     assert 0.001 < rate < 1e5  # GFLOP/s: something, and not absurd
 
 
@@ -84,7 +84,7 @@ def test_a_traced_step_of_a_tiny_language_model_has_every_part(tiny_ptb):
                  "optimizer update", "gradient clipping", "embedding forward"):  # fmt: skip
         assert parts.get(part, 0) > 0, part
     assert measured["wall_ms_per_step"] > 0
-    bound = profile.task_limit(task)
+    bound = speed.task_limit(task)
     frame = profile.table(measured, bound)
     row = frame.set_index("part").loc["output layer forward"]
     assert row["gflop"] == pytest.approx(2 * 4 * 5 * 32 * 20 / 1e9, abs=1e-3)  # 20 tokens, 32 units, 20 words

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import prepare, server
+from pipeline import prepare, teamserver
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.needs_postgres]  # skipped without it, not in CI
@@ -26,7 +26,7 @@ SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8")
 def team(tmp_path_factory):
     folder = tmp_path_factory.mktemp("team")
     os.chmod(folder, 0o755)
-    srv = server.TeamServer(folder, port=server.free_port(), pg_port=server.free_port())
+    srv = teamserver.TeamServer(folder, port=teamserver.free_port(), pg_port=teamserver.free_port())
     started = time.perf_counter()
     srv.start()
     srv.startup_seconds = time.perf_counter() - started

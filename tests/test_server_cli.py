@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import server
+from pipeline import teamserver
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.server, pytest.mark.needs_postgres]  # skipped without it, not in CI
@@ -29,7 +29,7 @@ def spec(tmp_path):
     folder.mkdir()
     os.chmod(tmp_path, 0o755)
     os.chmod(folder, 0o755)
-    srv = server.TeamServer(folder, port=server.free_port(), pg_port=server.free_port())
+    srv = teamserver.TeamServer(folder, port=teamserver.free_port(), pg_port=teamserver.free_port())
     yield srv
     srv.stop()
     assert not (srv.pgdata / "postmaster.pid").exists()
@@ -37,7 +37,7 @@ def spec(tmp_path):
         shutil.rmtree(srv.pgdata, ignore_errors=True)
 
 
-def cli(action: str, srv: server.TeamServer, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(action: str, srv: teamserver.TeamServer, timeout: float = 180) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline.server", action, "--dir", str(srv.folder)]
     cmd += ["--port", str(srv.port), "--pg-port", str(srv.pg_port)]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -57,7 +57,7 @@ def foreign_server(port: int):
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer((server.LOOPBACK, port), Health)
+    httpd = ThreadingHTTPServer((teamserver.LOOPBACK, port), Health)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield httpd
@@ -69,7 +69,7 @@ def foreign_server(port: int):
 @contextmanager
 def listening_socket(port: int):
     with socket.socket() as sock:
-        sock.bind((server.LOOPBACK, port))
+        sock.bind((teamserver.LOOPBACK, port))
         sock.listen()
         yield sock
 
@@ -118,7 +118,7 @@ def test_start_fails_when_another_server_answers_health_for_ours(spec):
 def kill_group(pid: int) -> None:
     os.killpg(pid, signal.SIGKILL)
     deadline = time.time() + 30
-    while server.group_commands(pid):
+    while teamserver.group_commands(pid):
         assert time.time() < deadline
         time.sleep(0.1)
 

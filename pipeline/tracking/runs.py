@@ -1,6 +1,7 @@
-"""All MLflow code lives here: store set-up, run lifecycle, params, tags, per-epoch metrics and the model.
+"""The store and the run lifecycle: store checks and set-up, a run's start, tags, per-epoch metrics, model, end,
+its lock and its replacement after a crash; and reading runs back for the report and generation.
 
-Nothing else in the package imports mlflow, so a tracking change (a server, another backend) is made here alone.
+Nothing outside ``pipeline.tracking`` imports mlflow, so a tracking change (a server, another backend) is made here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import re
 import socket
 import sqlite3
 import subprocess
@@ -32,7 +32,6 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
 from mlflow.data.dataset_source_registry import resolve_dataset_source  # noqa: E402
 from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, RunTag  # noqa: E402
@@ -43,9 +42,9 @@ from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline import compare, sweep
 from pipeline.config import config_id, result_config  # noqa: E402
-from pipeline.redaction import redact, redact_file, redacted  # noqa: E402
+from pipeline.redaction import redact, redacted  # noqa: E402
+from pipeline.sweep import Pruned
 
 log = logging.getLogger(__name__)
 
@@ -560,7 +559,7 @@ def start_run(
             "MLflow run %s %s in %r at %s", tracker.run_id, verb, cfg.tracking.experiment, redact(cfg.tracking.uri)
         )
         yield tracker
-    except sweep.Pruned as err:  # the search stopped it: a finished trial, marked as pruned
+    except Pruned as err:  # the search stopped it: a finished trial, marked as pruned
         tracker.set_tags({"trial_state": "PRUNED", "pruned_after_epoch": err.epoch + 1})
         _end_run("FINISHED")
         raise
@@ -601,8 +600,6 @@ def _end_run(status: str) -> None:
         log.warning("could not mark the MLflow run %s: %s", status, _short(err))
 
 
-# --- sweeps --------------------------------------------------------------------------------------------------------
-
 SWEEP_ENV = "RNNLAB_SWEEP_PARENT_RUN_ID"
 SWEEP_STORE_ENV = "RNNLAB_SWEEP_TRACKING_URI"
 
@@ -610,224 +607,6 @@ SWEEP_STORE_ENV = "RNNLAB_SWEEP_TRACKING_URI"
 def sweep_parent() -> str | None:
     """The parent run id of the Hydra multirun this process belongs to, if any."""
     return os.environ.get(SWEEP_ENV) or None
-
-
-def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
-    """The sweep's command-line overrides and named sweep parameters, as ``{key: "a,b,c"}`` (redacted)."""
-    out = {}
-    for item in list(hydra_cfg.overrides.task) + [
-        f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()
-    ]:
-        key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = redact(value)
-    return out
-
-
-def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = None, uri: str | None = None) -> str:
-    """End a sweep's parent run with the status that tells the truth: KILLED when ``stopped="interrupted"``
-    (children still RUNNING, whose process is gone, end KILLED in every case), FAILED when ``stopped="crashed"``
-    or when fewer jobs FINISHED than the ``jobs`` launched (a job can fail before its run exists), else FINISHED.
-    A search is FINISHED when every trial ended and one finished: a diverged trial (its run FAILED) is one of its
-    results.
-    A parent that ran nothing and holds nothing (a search already complete) is deleted: "EMPTY"."""
-    client = open_store(uri) if uri else MlflowClient()
-    parent = client.get_run(parent_id)
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    if not children and not jobs and not stopped:
-        client.delete_run(parent_id)
-        log.info("nothing ran and nothing was left to run: the empty parent run %s is deleted", parent_id)
-        return "EMPTY"
-    for child in children:  # one process runs a sweep: a child RUNNING now lost its process (stopped, kill -9)
-        if child.info.status == "RUNNING":
-            client.set_terminated(child.info.run_id, status="KILLED")
-            if not stopped:
-                client.set_tag(child.info.run_id, "mlflow.note.content", ORPHAN_NOTE)
-    # A job is a (config_id, seed): a resumed sweep may hold a KILLED attempt of it beside the run that finished it.
-    # A KILLED attempt stopped before its run was tagged cannot be told which job it was: the jobs launched count it.
-    attempts = {}
-    for child in children:
-        if not _tagged(child) and client.get_run(child.info.run_id).info.status == "KILLED":
-            continue
-        attempts.setdefault(_job_key(child), set()).add(client.get_run(child.info.run_id).info.status)
-    finished = sum("FINISHED" in states for states in attempts.values())
-    failed = sum("FINISHED" not in states and "FAILED" in states for states in attempts.values())
-    jobs = max(jobs or 0, len(attempts))
-    client.log_batch(
-        parent_id,
-        metrics=[
-            Metric(key, value, int(time.time() * 1000), 0)
-            for key, value in [
-                ("sweep/jobs", jobs),
-                ("sweep/children", len(children)),
-                ("sweep/finished", finished),
-                ("sweep/failed", failed),
-            ]
-        ],
-    )
-    search = any("study" in c.data.tags for c in children)
-    done = finished + failed == jobs and finished > 0 if search else finished == jobs
-    status = "KILLED" if stopped == "interrupted" else "FINISHED" if jobs and done and not stopped else "FAILED"
-    try:  # the comparison is a convenience: it never changes what the sweep's status says
-        log_comparison(client, parent_id)
-    except Exception as err:
-        log.warning("could not log the sweep's comparison on its parent run %s: %s", parent_id, _short(err))
-    client.set_terminated(parent_id, status=status)
-    log.info("sweep %s: %d of %d jobs FINISHED, %d FAILED (parent %s)", status, finished, jobs, failed, parent_id)
-    return status
-
-
-def _tagged(run) -> bool:
-    return "study" in run.data.tags or "config_id" in run.data.tags
-
-
-def _job_key(run) -> tuple[str, str]:
-    """A grid job is a configuration and a seed; a search job is its study's trial (two trials may share values)."""
-    tags = run.data.tags
-    if "study" in tags:
-        return (tags["study"], tags.get("trial", ""))
-    return (tags.get("config_id", run.info.run_id), tags.get("seed", ""))
-
-
-def _metric_key(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
-
-
-def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
-    """A sweep's FINISHED children aggregated over seeds (``pipeline.compare``), on its parent run: the table and
-    headline as artifacts (``comparison/``), each configuration's test mean, std and 95% interval as metrics
-    ``<label>/test_<metric>_mean`` etc., so the dashboard compares without the report. Returns the table."""
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    mlflow.set_tracking_uri(client.tracking_uri)
-    runs = mlflow.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
-        output_format="pandas",
-    )
-    if "tags.study" in runs and runs["tags.study"].notna().any():
-        failed = mlflow.search_runs(  # diverged trials count in a search's curve
-            [experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FAILED'",
-            output_format="pandas",
-        )
-        log_tuning(client, parent_id, pd.concat([runs, failed], ignore_index=True))
-        return None
-    if runs.empty:
-        return None
-    objective = compare.objective_of(runs)
-    curves = metric_histories(client.tracking_uri, list(runs["run_id"]), [objective.val, "perf/epoch_seconds"])
-    table = compare.aggregate(compare.per_run(runs, curves, objective), objective)
-    headline = compare.headline(client.get_run(parent_id).info.run_name, table, objective)
-    client.log_text(parent_id, table.to_csv(index=False), "comparison/comparison.csv")
-    columns = ["label", "n", "test_mean", "test_std", "test_ci_low", "test_ci_high", "val_mean", "verdict"]
-    body = f"{headline}\n\nStatistics: {compare.TEST}.\n\n{table[columns].round(4).to_markdown(index=False)}\n"
-    client.log_text(parent_id, body, "comparison/comparison.md")
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(_metric_key(f"{row['label']}/test_{objective.metric}_{stat}"), float(row[f"test_{stat}"]), now, 0)
-        for _, row in table.iterrows()
-        for stat in ("mean", "std", "ci_low", "ci_high")
-        if pd.notna(row[f"test_{stat}"])
-    ]
-    for chunk in _chunks(metrics, 500):
-        client.log_batch(parent_id, metrics=chunk)
-    client.set_tag(parent_id, "headline", redact(headline)[:ERROR_TAG_CHARS])
-    return table
-
-
-def log_tuning(client: MlflowClient, parent_id: str, runs: pd.DataFrame) -> None:
-    """A search's parent: per study (cell) its trials, pruned trials, best trial and expected best of 1 and of all
-    trials (``comparison/tuning.{csv,md}``, metrics ``<cell>/expected_best_at_<n>``), not a table of its trials."""
-    objective = compare.objective_of(compare.completed(runs))
-    curves = metric_histories(client.tracking_uri, list(runs["run_id"]), [objective.val])
-    summary = compare.tuning_summary(compare.trials(runs, curves, objective), objective)
-    client.log_text(parent_id, summary.to_csv(index=False), "comparison/tuning.csv")
-    client.log_text(
-        parent_id, f"{compare.TUNING}.\n\n{summary.round(4).to_markdown(index=False)}\n", "comparison/tuning.md"
-    )
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(_metric_key(f"{row['cell']}/expected_best_at_{n}"), float(row[column]), now, 0)
-        for _, row in summary.iterrows()
-        for n, column in ((1, "expected_at_1"), (int(row["trials"]), "expected_at_all"))
-        if pd.notna(row[column])
-    ]
-    client.log_batch(parent_id, metrics=metrics)
-
-
-def abandon_sweep(interrupted: bool) -> None:
-    """The sweep of this process stopped before Hydra's end-of-sweep callback: end its parent run truthfully."""
-    parent = os.environ.pop(SWEEP_ENV, None)
-    if not parent:
-        return
-    try:
-        finish_sweep(parent, stopped="interrupted" if interrupted else "crashed", uri=os.environ.get(SWEEP_STORE_ENV))
-    except Exception as err:  # the store may be why the sweep stopped
-        log.warning("could not end the sweep's parent run %s: %s", parent, _short(err))
-
-
-NAME_CHARS = 250  # MLflow's limit on run names and tag keys' values in SQL stores
-
-
-def start_sweep(config: DictConfig) -> str:
-    """The sweep's parent run: with ``sweep.resume`` auto or true, the newest unfinished parent of the same sweep
-    (same overrides, see ``sweep.sweep_key``) reopened; else a new one named after the sweep (or its overrides),
-    the overrides as params."""
-    overrides = sweep_overrides(config.hydra)
-    # Children of a sweep over datasets would otherwise land in several experiments: keep them together.
-    tracking_cfg = OmegaConf.to_container(config.tracking, resolve=True)
-    if "data" in overrides and "," in overrides["data"]:
-        tracking_cfg["experiment"] = "rnnlab-sweeps"
-    client = connect(OmegaConf.create(tracking_cfg))
-    experiment_id = setup_experiment(OmegaConf.create(tracking_cfg), client)
-    key = sweep.sweep_key(overrides)
-    mode = sweep.resume_mode(config.sweep.resume)
-    if mode != "false" and (parent := _unfinished_sweep(client, experiment_id, key)):
-        holder = RunLock(config.paths.checkpoints, parent.info.run_id).holder()
-        if holder:  # a live sweep: continuing it from here would run its jobs twice
-            raise TrackingError(f"this sweep (parent run {parent.info.run_id}) is running right now ({holder})")
-        client.update_run(parent.info.run_id, status="RUNNING")
-        resumed = int(parent.data.tags.get("sweep_resumed", "0")) + 1
-        client.set_tag(parent.info.run_id, "sweep_resumed", resumed)
-        info = parent.info
-        log.info("sweep %r: resuming its %s parent run %s", info.run_name, info.status, info.run_id)
-        return parent.info.run_id
-    if mode == "true":
-        raise TrackingError(
-            "sweep.resume=true: no unfinished sweep with these overrides in this experiment (FINISHED sweeps are "
-            "complete). Drop sweep.resume to start a new one."
-        )
-    shown = " ".join(f"{k}={v}" for k, v in overrides.items() if not k.startswith(("paths.", "hydra")))
-    name = redact(config.tracking.sweep_name or f"sweep {shown}")[:NAME_CHARS]
-    tags = {"sweep": name, "sweep_role": "parent", "sweep_key": key}
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
-    params = [mlflow.entities.Param(k, v[:6000]) for k, v in overrides.items()]
-    for chunk in _chunks(params, 100):
-        client.log_batch(run.info.run_id, params=chunk)
-    log.info("sweep %r: MLflow parent run %s", name, run.info.run_id)
-    return run.info.run_id
-
-
-def _unfinished_sweep(client: MlflowClient, experiment_id: str, key: str):
-    """The newest parent run of the sweep ``key`` that did not finish (KILLED, FAILED, or RUNNING left by a crash)."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.sweep_key = '{key}' and tags.sweep_role = 'parent' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def sweep_attempts(cfg: DictConfig, parent: str, tags: Mapping[str, Any]) -> list:
-    """This job's earlier runs in the sweep ``parent``'s experiment, newest first, found by ``tags`` (``config_id``
-    and ``seed`` for a grid job, under that parent; ``study`` and ``trial`` for a search trial, whichever parent
-    ran it); empty when this job has not run before."""
-    client = connect(cfg.tracking)
-    experiment_id = client.get_run(parent).info.experiment_id
-    where = [f"tags.{key} = '{value}'" for key, value in tags.items()]
-    if "study" not in tags:
-        where.append(f"tags.mlflow.parentRunId = '{parent}'")
-    return client.search_runs([experiment_id], " and ".join(where), order_by=["attributes.start_time DESC"])
 
 
 SUPERSEDED_NOTE = "Superseded by run {new}: its process ended (kill -9, a crash) before a checkpoint."
@@ -852,71 +631,7 @@ def supersede(cfg: DictConfig, run_ids: list[str], new_id: str | None = None) ->
     log.info("run%s %s ended KILLED or tagged: %s", "s" * (len(run_ids) > 1), ", ".join(run_ids), why)
 
 
-class SweepFailed(SystemExit):
-    """A sweep in which some job did not finish: the process exits non-zero."""
-
-
-class SweepCallback(Callback):
-    """Hydra callback: a multirun becomes one MLflow parent run, named after the sweep with the overrides as
-    params; each job's run is its child (see ``start_run``). The parent ends FINISHED when every child did,
-    FAILED (and the command exits 1) otherwise. Hydra's saved configs are rewritten without credentials."""
-
-    def __init__(self) -> None:
-        self.parent: str | None = None
-        self.lock: RunLock | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:  # SLURM would keep jobs no node can run pending for ever: refuse them before anything is created
-            sweep.check_slurm_request(config.hydra.launcher)
-        except sweep.SweepError as err:
-            log.error("%s", err)
-            raise SweepFailed(1) from None
-        sweep.watch_slurm_jobs(config)  # and stop the sweep on jobs pending for a reason waiting never resolves
-        if not config.tracking.enabled:
-            return
-        try:
-            self.parent = start_sweep(config)
-            self.lock = RunLock(config.paths.checkpoints, self.parent).acquire()  # one live process per sweep
-        except BlockingIOError:
-            holder = RunLock(config.paths.checkpoints, self.parent).holder() or "another process"
-            log.error(
-                "this sweep (parent run %s) is running right now (%s): wait for it or stop it", self.parent, holder
-            )
-            raise SweepFailed(1) from None
-        except Exception as err:  # Hydra would only warn and run the jobs without a parent: stop instead
-            log.error("the sweep cannot start its MLflow parent run: %s", _short(err))
-            raise SweepFailed(1) from err
-        os.environ[SWEEP_ENV] = self.parent  # inherited by the jobs, in this process or the launcher's workers
-        os.environ[SWEEP_STORE_ENV] = config.tracking.uri
-        os.environ[sweep.SWEEP_DIR_ENV] = str(config.hydra.sweep.dir)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Hydra has just saved this job's configs and the sweep's: mask any credential in them."""
-        output = Path(config.hydra.runtime.output_dir)
-        if config.hydra.output_subdir is not None:
-            for path in (output / config.hydra.output_subdir).glob("*.yaml"):
-                redact_file(path)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
-        if not self.parent:
-            return
-        jobs = sum(p.is_dir() and p.name.isdigit() for p in Path(config.hydra.sweep.dir).iterdir())
-        status = finish_sweep(self.parent, jobs)
-        if self.lock:
-            self.lock.release()
-        if status == "EMPTY":
-            status = "FINISHED"
-        os.environ.pop(SWEEP_ENV, None)
-        os.environ.pop(SWEEP_STORE_ENV, None)
-        os.environ.pop(sweep.SWEEP_DIR_ENV, None)
-        if status != "FINISHED":
-            log.error(
-                "sweep FAILED: not every job finished (parent run %s); see the FAILED runs' error tag", self.parent
-            )
-            raise SweepFailed(1)
+# --- reading runs back ------------------------------------------------------------------------------------------------
 
 
 def experiments(tracking_uri: str, pattern: str) -> list[tuple[str, str]]:
