@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,9 @@ def size_to_budget(cfg: DictConfig, meta: dict[str, Any]) -> None:
         cfg.model.units = units
 
 
-def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracking.RunLock | None, list[str]]:
+def resume_target(
+    cfg: DictConfig, fingerprint: str, client: Any = None
+) -> tuple[str | None, tracking.RunLock | None, list[str]]:
     """The run to continue (``trainer.resume_run_id``, or with ``trainer.resume`` the newest unfinished run of the
     same config) and its lock, held from now on; (None, None, superseded) to start afresh, where ``superseded`` is
     a found run that left no checkpoint: the new run replaces it.
@@ -102,13 +105,13 @@ def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracki
     if not run_id and cfg.trainer.resume:
         if not cfg.tracking.enabled:
             raise config.ConfigError("trainer.resume: resuming finds the run in MLflow; set tracking.enabled=true")
-        run_id, found = tracking.find_resumable(cfg, fingerprint), True
+        run_id, found = tracking.find_resumable(cfg, fingerprint, client), True
         if run_id is None:
             log.warning("trainer.resume: no unfinished run with this config (hash %s); starting afresh", fingerprint)
             return None, None, []
     if not run_id:
         return None, None, []
-    status = tracking.run_state(cfg.tracking, run_id) if cfg.tracking.enabled else "KILLED"
+    status = tracking.run_state(cfg.tracking, run_id, client) if cfg.tracking.enabled else "KILLED"
     if status == "FINISHED":
         raise TrainingError(
             f"run {run_id} is FINISHED: it is complete and is never reopened. To train it further, start a new run "
@@ -123,7 +126,7 @@ def resume_target(cfg: DictConfig, fingerprint: str) -> tuple[str | None, tracki
         log.warning("trainer.resume: run %s (%s) left no checkpoint: training afresh in a new run", run_id, status)
         return None, None, [run_id]
     if status == "RUNNING":  # its process is gone (the lock was free): the run must not show as running for ever
-        tracking.supersede(cfg.tracking, [run_id])
+        tracking.supersede(cfg.tracking, [run_id], client=client)
     raise TrainingError(
         f"run {run_id} ({status}) has no complete checkpoint at {folder}: it cannot be resumed. Start a new run."
     )
@@ -142,21 +145,23 @@ def lock_run(cfg: DictConfig, run_id: str) -> tracking.RunLock:
         ) from None
 
 
-def earlier_attempt(cfg: DictConfig, job_id: str) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+def earlier_attempt(
+    cfg: DictConfig, job_id: str, client: Any = None
+) -> tuple[dict[str, Any] | None, str | None, list[str]]:
     """A sweep job that ran before in this sweep (same config_id and seed, or the same search trial, e.g. a resumed
     sweep): its result when a run of it FINISHED (the job is skipped); else the newest run to resume when its
     checkpoint survived; else (None, None, ...) to start afresh. The third item: the job's earlier runs that the
     run about to train replaces (their process is gone, a kill -9 may have left them RUNNING). ``job_id``: the
-    run's ``config_id``."""
+    run's ``config_id``; ``client``: the run's connection to its store."""
     parent = tracking.sweep_parent()
     if not parent or not cfg.tracking.enabled or cfg.trainer.resume_run_id or cfg.trainer.resume:
         return None, None, []
     if cfg.search.trial is not None:  # a trial is itself, whatever another trial with the same values did
         job = f"{cfg.search.study} trial {cfg.search.trial}"
-        attempts = tracking.sweep_attempts(cfg, parent, {"study": cfg.search.study, "trial": cfg.search.trial})
+        attempts = tracking.sweep_attempts(cfg, parent, {"study": cfg.search.study, "trial": cfg.search.trial}, client)
     else:
         job = job_id
-        attempts = tracking.sweep_attempts(cfg, parent, {"config_id": job, "seed": cfg.seed})
+        attempts = tracking.sweep_attempts(cfg, parent, {"config_id": job, "seed": cfg.seed}, client)
     finished = [r for r in attempts if r.info.status == "FINISHED"]
     if finished:
         return skipped(cfg, finished[0], job), None, []
@@ -195,36 +200,65 @@ def load_dataset(cfg: DictConfig) -> data.Dataset:
     return dataset
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, evaluate on the test split, track everything; return the final metrics and the run id."""
-    config.validate(cfg)
-    dataset = load_dataset(cfg)
-    size_to_budget(cfg, dataset.meta)
-    fingerprint = config.fingerprint(cfg)
+@dataclass
+class Start:
+    """Where a run starts, decided before anything is built: a finished sweep job's result (``done``: nothing to
+    train), or the run to resume (its lock held) or none, and the dead runs the new one replaces."""
+
+    fingerprint: str
+    job_id: str
+    done: dict[str, Any] | None = None
+    resume_run_id: str | None = None
+    lock: tracking.RunLock | None = None
+    superseded: list[str] = field(default_factory=list)
+
+
+def where_to_start(cfg: DictConfig, dataset: data.Dataset, client: Any) -> Start:
+    """A sweep job that ran before (``earlier_attempt``), else ``trainer.resume``/``resume_run_id``
+    (``resume_target``): refused resumes are refused here, before the store is touched."""
     precision = models.resolve_precision(cfg.trainer.precision, dataset.meta["kind"])
-    job_id = config.config_id(cfg, dataset.digest, precision)
-    done, earlier, superseded = earlier_attempt(cfg, job_id)
-    if done:
-        return done
+    start = Start(config.fingerprint(cfg), config.config_id(cfg, dataset.digest, precision))
+    start.done, earlier, start.superseded = earlier_attempt(cfg, start.job_id, client)
+    if start.done:
+        return start
     if earlier:
         with open_dict(cfg):
             cfg.trainer.resume_run_id = earlier
-    resume_run_id, lock, replaced = resume_target(cfg, fingerprint)  # first: a refused resume costs nothing
-    superseded += replaced
+    start.resume_run_id, start.lock, replaced = resume_target(cfg, start.fingerprint, client)
+    start.superseded += replaced
+    return start
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, evaluate on the test split, track everything; return the final metrics and the run id.
+
+    The happy path: validate, read the data, connect to the store (once), decide where to start, train, finish.
+    The exceptional paths are beside it: a pruned search trial, an interrupt (the run ends KILLED and can resume),
+    an error (the run ends FAILED with it)."""
+    config.validate(cfg)
+    dataset = load_dataset(cfg)
+    size_to_budget(cfg, dataset.meta)
+    client = tracking.connect(cfg.tracking) if cfg.tracking.enabled else None  # this run's one connection
+    start = where_to_start(cfg, dataset, client)
+    if start.done:
+        return start.done
+    fingerprint, resume_run_id, lock, superseded = start.fingerprint, start.resume_run_id, start.lock, start.superseded
     interrupts = tracking.Interrupts()
     history: list[dict[str, float]] = []
     run_id = resume_run_id
     try:
         tasks.setup_runtime(cfg)
         task = tasks.make(cfg, dataset)
-        tags = tracking.run_tags(cfg, fingerprint, dataset.digest, task.model.count_params(), task.precision)
+        params = task.model.count_params()
+        tags = tracking.run_tags(cfg, fingerprint, start.job_id, dataset.digest, params, task.precision)
         tags["kernels"] = task.kernels_tag  # fused or Keras' loops (trainer.kernels as resolved here)
         trial = None if cfg.search.trial is None else sweep.TrialLink(cfg.search, cfg.tracking.uri, cfg.trainer.epochs)
         if trial:
             tags.update(study=cfg.search.study, trial=trial.number)
-        with sigterm_as_interrupt(interrupts), tracking.start_run(cfg, tags, resume_run_id, interrupts) as tracker:
+        tracked = tracking.start_run(cfg, tags, resume_run_id, interrupts, client)
+        with sigterm_as_interrupt(interrupts), tracked as tracker:
             run_id = tracker.run_id
-            tracking.supersede(cfg.tracking, superseded, run_id)  # the runs this one replaces end, pointing here
+            tracking.supersede(cfg.tracking, superseded, run_id, client)  # the runs replaced end, pointing here
             if not resume_run_id:
                 tracker.log_dataset(cfg.data.name, data.prepared_dir(cfg.paths.data, cfg.data.name), dataset.splits)
             if lock is None and run_id:

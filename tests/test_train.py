@@ -177,3 +177,32 @@ def test_a_sigterm_that_tensorflow_turns_into_an_error_of_its_own_still_ends_the
         smoke()
     assert caught.value.signum == 15 and caught.value.epochs_done == 0
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(caught.value.run_id).info.status == "KILLED"
+
+
+def test_a_run_connects_once_reads_its_data_once_and_computes_its_config_id_once(smoke, monkeypatch):
+    """Real functions, counted: one store probe, one read of each prepared file, one config_id per run."""
+    from pipeline.tracking import runs
+
+    calls = {"probe": 0, "config_id": 0}
+    reads: list[str] = []
+    check_store, read_verified, config_id = runs.check_store, data.read_verified, config.config_id
+
+    def probe(uri, timeout):
+        calls["probe"] += 1
+        return check_store(uri, timeout)
+
+    def read(folder, file, sums, name):
+        reads.append(file)
+        return read_verified(folder, file, sums, name)
+
+    def count_id(*args):
+        calls["config_id"] += 1
+        return config_id(*args)
+
+    monkeypatch.setattr(runs, "check_store", probe)
+    monkeypatch.setattr(data, "read_verified", read)
+    monkeypatch.setattr(config, "config_id", count_id)
+    result = smoke("model.param_budget=3000")  # sizing to a budget reads the data's meta too
+    assert result["metrics"]["test/accuracy"] >= 0
+    assert calls == {"probe": 1, "config_id": 1}
+    assert sorted(reads) == sorted(set(reads)) and "meta.json" in reads  # every file once

@@ -42,7 +42,7 @@ from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline.config import config_id, result_config  # noqa: E402
+from pipeline.config import result_config  # noqa: E402
 from pipeline.redaction import redact, redacted  # noqa: E402
 from pipeline.sweep import Pruned
 
@@ -128,14 +128,16 @@ def preset_name() -> str | None:
     return HydraConfig.get().runtime.choices.get("experiment")
 
 
-def run_tags(cfg: DictConfig, fingerprint: str, data_digest: str, params_count: int, precision: str) -> dict:
+def run_tags(
+    cfg: DictConfig, fingerprint: str, job_id: str, data_digest: str, params_count: int, precision: str
+) -> dict:
     """What a run is, as tags to filter and group by: dataset, cell, seed, the configuration it repeats
     (``config_id``: all but the seed), the code and data versions, size, preset and its published anchor."""
     commit, dirty = git_state(cfg.paths.root)
     anchor = {f"anchor.{k}": v for k, v in cfg.anchor.items() if v is not None} if cfg.anchor.value is not None else {}
     preset = preset_name()
     return {
-        "config_id": config_id(cfg, data_digest, precision),
+        "config_id": job_id,
         **({"preset": preset} if preset else {}),
         **anchor,
         "dataset": cfg.data.name,
@@ -450,10 +452,13 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
-def describe_run(cfg: DictConfig, run_id: str, artifacts: bool = False) -> dict[str, Any]:
+def describe_run(
+    cfg: DictConfig, run_id: str, artifacts: bool = False, client: MlflowClient | None = None
+) -> dict[str, Any]:
     """What a run is, before anything is read from it: ``status``, ``tags``, ``params`` (and with ``artifacts``
-    its top-level artifact paths); a clear error when the store has no such run."""
-    client = connect(cfg)
+    its top-level artifact paths); a clear error when the store has no such run. ``client``: the caller's
+    connection (else one is made)."""
+    client = client or connect(cfg)
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
@@ -466,14 +471,14 @@ def describe_run(cfg: DictConfig, run_id: str, artifacts: bool = False) -> dict[
     return described
 
 
-def run_state(cfg: DictConfig, run_id: str) -> str:
+def run_state(cfg: DictConfig, run_id: str, client: MlflowClient | None = None) -> str:
     """The status of ``run_id`` (RUNNING, FINISHED, FAILED, KILLED); a clear error if the store has no such run."""
-    return describe_run(cfg, run_id)["status"]
+    return describe_run(cfg, run_id, client=client)["status"]
 
 
-def find_resumable(cfg: DictConfig, fingerprint: str) -> str | None:
+def find_resumable(cfg: DictConfig, fingerprint: str, client: MlflowClient | None = None) -> str | None:
     """The newest run of this experiment with the same config fingerprint that did not finish, or None."""
-    client = connect(cfg.tracking)
+    client = client or connect(cfg.tracking)
     experiment_id = setup_experiment(cfg.tracking, client)
     runs = client.search_runs(
         [experiment_id],
@@ -530,20 +535,24 @@ class RunLock:
 
 @contextmanager
 def start_run(
-    cfg: DictConfig, tags: Mapping[str, Any], resume_run_id: str | None = None, interrupts: Interrupts | None = None
+    cfg: DictConfig,
+    tags: Mapping[str, Any],
+    resume_run_id: str | None = None,
+    interrupts: Interrupts | None = None,
+    client: MlflowClient | None = None,
 ) -> Iterator[Tracker]:
     """An MLflow run holding the flattened resolved config as params, the full config as an artifact, and tags;
     or, with ``resume_run_id``, that earlier run reopened (its params stay as first logged).
 
     The run ends FINISHED, FAILED on an exception (the error kept in the run), or KILLED on Ctrl-C/SIGTERM, so the
     UI never shows a run that is neither running nor explained. If the store itself is gone, the original error
-    is what propagates.
+    is what propagates. ``client``: the caller's connection to ``cfg.tracking``'s store (else one is made).
     """
     interrupts = interrupts or Interrupts()
     if not cfg.tracking.enabled:
         yield Tracker(None, None, interrupts)
         return
-    client = connect(cfg.tracking)
+    client = client or connect(cfg.tracking)
     experiment_id = setup_experiment(cfg.tracking, client)
     run = _open_run(cfg, client, tags, experiment_id, resume_run_id)
     tracker = Tracker(client, run.info.run_id, interrupts)
@@ -613,12 +622,14 @@ SUPERSEDED_NOTE = "Superseded by run {new}: its process ended (kill -9, a crash)
 ORPHAN_NOTE = "Ended KILLED: its process ended without ending the run (kill -9, a crash)."
 
 
-def supersede(cfg: DictConfig, run_ids: list[str], new_id: str | None = None) -> None:
+def supersede(
+    cfg: DictConfig, run_ids: list[str], new_id: str | None = None, client: MlflowClient | None = None
+) -> None:
     """Runs whose process is gone, replaced by ``new_id`` (or by nothing): one left RUNNING ends KILLED, and each is
     tagged ``superseded_by`` (the new run is tagged ``supersedes``), so no dead run shows as running for ever."""
     if not run_ids or not cfg.enabled:
         return
-    client = connect(cfg)
+    client = client or connect(cfg)
     for run_id in run_ids:
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status="KILLED")

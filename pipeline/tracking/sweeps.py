@@ -237,11 +237,11 @@ def _unfinished_sweep(client: MlflowClient, experiment_id: str, key: str):
     return runs[0] if runs else None
 
 
-def sweep_attempts(cfg: DictConfig, parent: str, tags: Mapping[str, Any]) -> list:
+def sweep_attempts(cfg: DictConfig, parent: str, tags: Mapping[str, Any], client: MlflowClient | None = None) -> list:
     """This job's earlier runs in the sweep ``parent``'s experiment, newest first, found by ``tags`` (``config_id``
     and ``seed`` for a grid job, under that parent; ``study`` and ``trial`` for a search trial, whichever parent
     ran it); empty when this job has not run before."""
-    client = connect(cfg.tracking)
+    client = client or connect(cfg.tracking)
     experiment_id = client.get_run(parent).info.experiment_id
     where = [f"tags.{key} = '{value}'" for key, value in tags.items()]
     if "study" not in tags:
