@@ -217,7 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "keras": keras.__version__,
         "cpu": speed.cpu_model(),
         "cpu_bf16": models.cpu_bf16_matmul(),
-        "speed.cpu_flags": speed.cpu_flags(),
+        "cpu_flags": speed.cpu_flags(),
         "gpu": models.gpu_available(),
         "cases": [],
     }
@@ -236,7 +236,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.reports)
     data.write_json(out / "bench.json", results)
     table = pd.DataFrame(results["cases"])
-    machine = ", ".join(filter(None, [results["cpu"], results["speed.cpu_flags"], "GPU" if results["gpu"] else None]))
+    machine = ", ".join(filter(None, [results["cpu"], results["cpu_flags"], "GPU" if results["gpu"] else None]))
     lines = ["# Benchmark", "", f"{machine}; Python {results['python']}, Keras {results['keras']}", ""]
     if not table.empty:
         lines += [table.to_markdown(index=False), ""]
