@@ -229,6 +229,16 @@ def where_to_start(cfg: DictConfig, dataset: data.Dataset, client: Any) -> Start
     return start
 
 
+def run_tags(cfg: DictConfig, task: tasks.Task, start: Start, trial: sweep.TrialLink | None) -> dict[str, Any]:
+    """What the run is (``tracking.run_tags``), which loops trained it, and its search trial if any."""
+    params = task.model.count_params()
+    tags = tracking.run_tags(cfg, start.fingerprint, start.job_id, task.dataset.digest, params, task.precision)
+    tags["kernels"] = task.kernels_tag  # fused or Keras' loops (trainer.kernels as resolved here)
+    if trial:
+        tags.update(study=cfg.search.study, trial=trial.number)
+    return tags
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate on the test split, track everything; return the final metrics and the run id.
 
@@ -242,28 +252,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = where_to_start(cfg, dataset, client)
     if start.done:
         return start.done
-    fingerprint, resume_run_id, lock, superseded = start.fingerprint, start.resume_run_id, start.lock, start.superseded
+    resume_run_id, lock = start.resume_run_id, start.lock
     interrupts = tracking.Interrupts()
     history: list[dict[str, float]] = []
     run_id = resume_run_id
     try:
         tasks.setup_runtime(cfg)
         task = tasks.make(cfg, dataset)
-        params = task.model.count_params()
-        tags = tracking.run_tags(cfg, fingerprint, start.job_id, dataset.digest, params, task.precision)
-        tags["kernels"] = task.kernels_tag  # fused or Keras' loops (trainer.kernels as resolved here)
         trial = None if cfg.search.trial is None else sweep.TrialLink(cfg.search, cfg.tracking.uri, cfg.trainer.epochs)
-        if trial:
-            tags.update(study=cfg.search.study, trial=trial.number)
-        tracked = tracking.start_run(cfg, tags, resume_run_id, interrupts, client)
+        tracked = tracking.start_run(cfg, run_tags(cfg, task, start, trial), resume_run_id, interrupts, client)
         with sigterm_as_interrupt(interrupts), tracked as tracker:
             run_id = tracker.run_id
-            tracking.supersede(cfg.tracking, superseded, run_id, client)  # the runs replaced end, pointing here
+            tracking.supersede(cfg.tracking, start.superseded, run_id, client)  # the runs replaced end, pointing here
             if not resume_run_id:
                 tracker.log_dataset(cfg.data.name, data.prepared_dir(cfg.paths.data, cfg.data.name), dataset.splits)
             if lock is None and run_id:
                 lock = tracking.RunLock(cfg.paths.checkpoints, run_id).acquire()
-            checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (run_id or f"untracked-{fingerprint}"))
+            checkpoint = Checkpoint(Path(cfg.paths.checkpoints) / (run_id or f"untracked-{start.fingerprint}"))
             history = task.restore(checkpoint, tracker) if resume_run_id else []
             train_epochs(cfg, task, tracker, checkpoint, history, trial)
             final, exported, model_uri = finish(cfg, task, tracker, history)
