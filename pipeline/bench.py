@@ -34,8 +34,9 @@ import pandas as pd
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline import cells, config, data, models, prepare, speed, tasks, tracking
+from pipeline import cells, config, data, models, speed, tasks, tracking
 from pipeline.baselines import plain_tuned
+from pipeline.data import registry
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,8 @@ def prepare_seconds(cfg: DictConfig, store: Path) -> dict[str, float]:
             (store / "data" / "raw" / name).symlink_to(raw)
         elif name != "toy":
             continue
-        out[name] = round(timed(lambda c=run_cfg: prepare.run(c)), 2)
+        config.validate(run_cfg, "prepare")
+        out[name] = round(timed(lambda c=run_cfg: registry.prepare(c)), 2)
     return out
 
 

@@ -3,7 +3,8 @@
 Hydra composes ``conf/``; the dataclasses below are registered as its schema so that a misspelt key or a value of the
 wrong type fails when the config is composed, with the full key named (and, for a misspelt key, the valid keys of its
 section listed). ``validate`` adds the checks a type cannot express, from the tables ``BOUNDS`` and ``CHOICES`` (a
-cell name from a fixed set, a positive size, a rate in [0, 1)), and says how to fix each problem.
+cell name from a fixed set, a positive size, a rate in [0, 1)), and says how to fix each problem. Each dataset's
+schema, ranges and checks are declared in its own module and read from ``pipeline.data.registry``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,24 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import cells, sampling
+from pipeline.data import registry
+from pipeline.schema import (  # re-exported: config.ConfigError, config.Bound, ... are what other modules name
+    COUNT,
+    FRACTION,
+    POSITIVE,
+    SEED,
+    Bound,
+    ConfigError,
+    DataConfig,
+    plain_number,
+)
+from pipeline.schema import require as _check
 
 ROOT = Path(__file__).resolve().parents[1]
 """The checkout this package lives in: every default path hangs off it, never off the working directory."""
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-TRUNCATE = ("pre", "post")
 PRECISIONS = ("float32", "bfloat16_grad", "bfloat16_output", "mixed_bfloat16", "mixed_float16", "auto")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 # The schema holds types only: every value lives in conf/ (one place), so a default cannot drift between the two.
@@ -54,46 +62,6 @@ class PathsConfig:
 class DownloadConfig:
     mirror: str | None = MISSING
     timeout: float = MISSING
-
-
-@dataclass
-class DataConfig:
-    name: str = MISSING
-    source: str = MISSING
-    kind: str = MISSING
-
-
-@dataclass
-class ToyDataConfig(DataConfig):
-    min_len: int = MISSING
-    max_len: int = MISSING
-    max_value: int = MISSING
-    n_train: int = MISSING
-    n_val: int = MISSING
-    n_test: int = MISSING
-    pad_value: float = MISSING
-    seed: int = MISSING
-
-
-@dataclass
-class PTBDataConfig(DataConfig):
-    vocab_size: int = MISSING
-
-
-@dataclass
-class IMDBDataConfig(DataConfig):
-    vocab_size: int = MISSING
-    max_len: int = MISSING
-    truncate: str = MISSING
-    standardize: str = MISSING
-    val_size: int = MISSING
-    seed: int = MISSING
-
-
-@dataclass
-class MNISTDataConfig(DataConfig):
-    val_size: int = MISSING
-    seed: int = MISSING
 
 
 @dataclass
@@ -315,13 +283,8 @@ class GenerateConfig:
     seed: int = MISSING
 
 
-# data.source -> its schema. data.name may differ (a variant such as imdb_long gets its own prepared folder).
-DATA_SCHEMAS: dict[str, type] = {
-    "toy": ToyDataConfig,
-    "ptb": PTBDataConfig,
-    "imdb": IMDBDataConfig,
-    "mnist": MNISTDataConfig,
-}
+# Each dataset's schema is its module's SPEC.schema (pipeline.data.registry), picked by data.source; data.name may
+# differ (a variant such as imdb_long gets its own prepared folder).
 OPTIMIZER_SCHEMAS: dict[str, type] = {"sgd": SGDConfig, "adam": AdamConfig, "rmsprop": RMSpropConfig}
 TOP_SCHEMAS: dict[str, type] = {
     "config": Config,
@@ -342,8 +305,8 @@ def register() -> None:
     cs = ConfigStore.instance()
     for name, schema in TOP_SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=schema)
-    for name, schema in DATA_SCHEMAS.items():
-        cs.store(group="data", name=f"{name}_schema", node=schema)
+    for spec in registry.specs():  # a dataset registered at run time gets its node on the next call
+        cs.store(group="data", name=f"{spec.source}_schema", node=spec.schema)
     for name, schema in OPTIMIZER_SCHEMAS.items():
         cs.store(group="optimizer", name=f"{name}_schema", node=schema)
     _explain_unknown_overrides()
@@ -387,55 +350,6 @@ def fingerprint(cfg: DictConfig) -> str:
     """sha256 of ``result_config``: two runs with the same fingerprint train the same model, so one may resume the
     other."""
     return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The values one numeric key may take: from ``low`` to ``high`` (either end open or absent), always finite,
-    null only when ``nullable``; ``note`` says what a special value means."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    nullable: bool = False
-    note: str = ""
-
-    def admits(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            return False
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def describe(self) -> str:
-        """The range in words: ``in [0, 1)``, ``at least 1``, ``positive``, ``null or at least 1``."""
-        lo, hi = self.low, self.high
-        if lo is not None and hi is not None:
-            text = f"in {'(' if self.low_open else '['}{_num(lo)}, {_num(hi)}{')' if self.high_open else ']'}"
-        elif lo is not None:
-            text = ("positive" if lo == 0 else f"greater than {_num(lo)}") if self.low_open else f"at least {_num(lo)}"
-        else:
-            text = ("negative" if hi == 0 else f"less than {_num(hi)}") if self.high_open else f"at most {_num(hi)}"
-        return f"null or {text}" if self.nullable else text
-
-
-SEED_MAX = 2**32 - 1
-COUNT = Bound(1)
-FRACTION = Bound(0, 1, high_open=True)  # a dropout rate or a moving-average decay
-POSITIVE = Bound(0, low_open=True)
-SEED = Bound(0, SEED_MAX, note=" (NumPy and Keras seeds are unsigned 32-bit)")
 
 
 def _cap(meaning: str) -> Bound:
@@ -486,26 +400,6 @@ BOUNDS: dict[str, Bound] = {
     "search.startup_trials": Bound(0),
     "search.trial": Bound(0, nullable=True, note=" (null = not a search trial)"),
 }
-DATA_BOUNDS: dict[str, dict[str, Bound]] = {
-    "toy": {
-        "data.min_len": COUNT,
-        "data.max_len": COUNT,
-        "data.max_value": COUNT,
-        "data.n_train": COUNT,
-        "data.n_val": COUNT,
-        "data.n_test": COUNT,
-        "data.pad_value": Bound(high=0, high_open=True, note=" (generated values are >= 0)"),
-        "data.seed": SEED,
-    },
-    "ptb": {"data.vocab_size": Bound(3, note=" (<eos>, <unk> and a word)")},
-    "imdb": {
-        "data.vocab_size": Bound(3, note=" (padding, out-of-vocabulary and a word)"),
-        "data.max_len": COUNT,
-        "data.val_size": Bound(1, 24_999, note=" (out of 25,000 training reviews)"),
-        "data.seed": SEED,
-    },
-    "mnist": {"data.val_size": Bound(1, 59_999, note=" (out of 60,000 training images)"), "data.seed": SEED},
-}
 GENERATE_BOUNDS: dict[str, Bound] = {
     "words": COUNT,
     "temperature": Bound(0, note=" (0 = greedy: always the likeliest word)"),
@@ -513,7 +407,6 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     "seed": SEED,
     **{key: bound for key, bound in BOUNDS.items() if key.startswith("tracking.")},
 }
-STANDARDIZE = ("lower_and_strip_punctuation", "lower", "strip_punctuation")
 STRATEGIES = sampling.STRATEGIES
 ANCHOR_METRICS = ("test/accuracy", "test/perplexity", "val/accuracy", "val/perplexity")
 # Keys with a fixed set of values: (what a value is called, the choices).
@@ -524,9 +417,6 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "anchor.metric": ("anchor metric", ANCHOR_METRICS),
     "search.pruner": ("pruner", ("median", "hyperband", "none")),
 }
-DATA_CHOICES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
-    "imdb": {"data.truncate": ("truncation", TRUNCATE), "data.standardize": ("standardisation", STANDARDIZE)},
-}
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # data.name names a folder: one path component
 
 
@@ -536,7 +426,7 @@ def _override(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    return _num(value) if isinstance(value, int | float) and math.isfinite(value) else str(value)
+    return plain_number(value) if isinstance(value, int | float) and math.isfinite(value) else str(value)
 
 
 _ABSENT = object()
@@ -568,21 +458,33 @@ def _check_schema(cfg: DictConfig, schema: DictConfig, resolve: bool = True) -> 
         raise ConfigError(explain_unknown_key(str(err)) or f"invalid config: {err}") from err
 
 
-DATA_KINDS = {"toy": "classification", "ptb": "language_model", "imdb": "classification", "mnist": "classification"}
-
-
 def schema_of(cfg: DictConfig, top: str = "config") -> DictConfig:
     """The schema of entry point ``top`` with the data and optimizer sections this config picked."""
     schema = OmegaConf.structured(TOP_SCHEMAS[top])
     if "data" in cfg:
-        source = cfg.data.get("source")
-        _check(source in DATA_SCHEMAS, "data.source", f"unknown dataset {source!r}; choose one of {(*DATA_SCHEMAS,)}")
-        schema.data = OmegaConf.structured(DATA_SCHEMAS[source])
+        schema.data = OmegaConf.structured(registry.get(cfg.data.get("source")).schema)
     if "optimizer" in cfg:
         name = cfg.optimizer.get("name")
         _check(name in OPTIMIZER_SCHEMAS, "optimizer.name", f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
         schema.optimizer = OmegaConf.structured(OPTIMIZER_SCHEMAS[name])
     return schema
+
+
+def _check_data(
+    d: DictConfig, bounds: dict[str, Bound], choices: dict[str, tuple[str, tuple[str, ...]]]
+) -> registry.DatasetSpec:
+    """The dataset's kind and name checked, its ranges and choices added to the tables; its spec."""
+    spec = registry.get(d.source)
+    bounds.update({f"data.{key}": bound for key, bound in spec.bounds.items()})
+    choices.update({f"data.{key}": choice for key, choice in spec.choices.items()})
+    kind = spec.kind  # declared by the dataset; conf/data/<name>.yaml repeats it (it is a logged param) and must agree
+    _check(d.kind == kind, "data.kind", f"{spec.source} is a {kind} dataset, got {d.kind!r}; drop the override")
+    _check(
+        bool(NAME.fullmatch(d.name)),
+        "data.name",
+        f"names the folder data/prepared/<name>: letters, digits, '_', '-' and '.' only, got {d.name!r}",
+    )
+    return spec
 
 
 def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
@@ -592,22 +494,10 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     cfg = OmegaConf.masked_copy(cfg, [f.name for f in fields(TOP_SCHEMAS[top]) if f.name in cfg])
     _check_schema(cfg, schema_of(cfg, top), resolve=top == "config" or "data" in cfg)  # others name no dataset
     bounds, choices = dict(BOUNDS), {**CHOICES, "model.cell": ("cell type", cells.names())}  # cells: registered now
-    if "data" in cfg:
-        d, source = cfg.data, cfg.data.source
-        bounds.update(DATA_BOUNDS[source])
-        choices.update(DATA_CHOICES.get(source, {}))
-        kind = DATA_KINDS[source]
-        _check(d.kind == kind, "data.kind", f"{source} is a {kind} dataset, got {d.kind!r}; drop the override")
-        _check(
-            bool(NAME.fullmatch(d.name)),
-            "data.name",
-            f"names the folder data/prepared/<name>: letters, digits, '_', '-' and '.' only, got {d.name!r}",
-        )
+    spec = _check_data(cfg.data, bounds, choices) if "data" in cfg else None
     _check_table(cfg, bounds, choices)
-    if OmegaConf.select(cfg, "data.source") == "toy":
-        d = cfg.data
-        _check(d.min_len <= d.max_len, "data.min_len", f"need 1 <= data.min_len <= data.max_len, got {d.min_len}")
-        _check(d.max_value > d.max_len, "data.max_value", "must exceed data.max_len so that a linear run fits")
+    if spec is not None and spec.check is not None:
+        spec.check(cfg.data)  # what the dataset's ranges cannot express (toy: min_len <= max_len < max_value)
     for key in ("tracking.uri", "report.experiments"):
         _check(OmegaConf.select(cfg, key, default="set") != "", key, "must not be empty")
     if "sweep" in cfg:
@@ -652,20 +542,25 @@ SCHEMAS: dict[str, type] = {
         ReportConfig,
         BenchConfig,
         ProfileConfig,
-        *DATA_SCHEMAS.values(),
+        DataConfig,
         *OPTIMIZER_SCHEMAS.values(),
     )
-}
+}  # and each dataset's schema, from the registry: see _schema_named
 _NOT_IN = re.compile(r"Key '(?P<key>[^']+)' not in '(?P<schema>\w+)'")
 _FULL_KEY = re.compile(r"full_key: (?P<key>\S+)")
 _OVERRIDE = re.compile(r"Could not override '(?P<key>[^']+)'")
+
+
+def _schema_named(name: str) -> type | None:
+    """The schema class called ``name``: one of ``SCHEMAS`` or a registered dataset's (one added at run time too)."""
+    return SCHEMAS.get(name) or next((s.schema for s in registry.specs() if s.schema.__name__ == name), None)
 
 
 def explain_unknown_key(message: str) -> str | None:
     """For Hydra's or OmegaConf's error about a key the schema lacks (``model.unitz=3``): a message that names it,
     guesses the key meant and lists the valid keys of its section. None when ``message`` is about anything else."""
     found = _NOT_IN.search(message)
-    schema = SCHEMAS.get(found["schema"]) if found else None
+    schema = _schema_named(found["schema"]) if found else None
     if schema is None:
         return None
     full = _FULL_KEY.search(message)

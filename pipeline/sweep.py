@@ -28,7 +28,7 @@ from typing import Any
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.objective import of_metrics
+from pipeline.objective import for_kind, of_metrics
 from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -264,12 +264,14 @@ class OptunaSweeper(Sweeper):
 
     def resolved_direction(self) -> str:
         """``auto``: minimise perplexity (a language model), maximise accuracy; a stated direction must agree."""
-        from pipeline.config import DATA_KINDS
+        from pipeline.data.registry import kind_of
 
-        wanted = "minimize" if DATA_KINDS[self.config.data.source] == "language_model" else "maximize"
+        objective = for_kind(kind_of(self.config.data.source))
+        wanted = objective.direction
         if self.direction not in ("auto", wanted):
-            metric = "val/perplexity" if wanted == "minimize" else "val/accuracy"
-            raise SweepError(f"hydra.sweeper.direction={self.direction}, but the trials report {metric}: use {wanted}")
+            raise SweepError(
+                f"hydra.sweeper.direction={self.direction}, but the trials report {objective.val}: use {wanted}"
+            )
         return wanted
 
     def base_name(self) -> str:

@@ -182,7 +182,7 @@ def test_real_ptb_from_the_canonical_archive_layout(tmp_path, make_cfg, monkeypa
 @needs_mirror
 def test_real_mnist(real):
     cfg, stats = real("mnist")
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     labels = mnist.read_idx(raw / "train-labels-idx1-ubyte.gz")
     assert labels[:5].tolist() == [5, 0, 4, 1, 9]
     assert np.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -205,7 +205,7 @@ def test_real_imdb(real, tmp_path):
     assert x.shape == (22_500, 80) and x.max() < 10_000
     assert json.loads((data.prepared_dir(cfg.paths.data, "imdb") / "stats.json").read_text()) == stats
     # A damaged raw archive is detected and replaced on the next download.
-    archive = download.raw_dir(cfg) / imdb.RAW_NAME
+    archive = data.raw_dir(cfg.paths.data, cfg.data.source) / imdb.RAW_NAME
     archive.write_bytes(archive.read_bytes()[:1000])
     download.run(cfg)
     imdb.check_content(archive)
@@ -225,7 +225,7 @@ def test_corrupt_mirror_file_is_reported_and_leaves_nothing(tmp_path, make_cfg, 
     with pytest.raises(DownloadError, match=r"t10k-labels-idx1-ubyte.gz.*expected sha256 f7ae60f9") as err:
         download.run(cfg)
     assert f"{UNREACHABLE}/mnist/t10k-labels-idx1-ubyte.gz" in str(err.value)
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     assert not (raw / victim.name).exists()
     assert not [p for p in raw.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
@@ -238,7 +238,7 @@ def test_a_corrupt_ptb_file_is_deleted_when_no_source_verifies(tmp_path, make_cf
         (mirror / "ptb" / name).write_text("a corrupt mirror copy\n")
     monkeypatch.setattr(ptb, "ARCHIVE_URL", f"{UNREACHABLE}/simple-examples.tgz")
     cfg = make_cfg("data=ptb", f"download.mirror={mirror}", "download.timeout=2", top="download")
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     raw.mkdir(parents=True)
     (raw / "ptb.train.txt").write_text("a corrupt local copy\n")
     with pytest.raises(DownloadError) as err:
@@ -258,7 +258,7 @@ def test_a_corrupt_mnist_file_is_deleted_when_no_source_verifies(tmp_path, make_
     write_idx(mirror / "mnist" / name, 2051, (1, 2, 2), bytes(4))
     monkeypatch.setattr(mnist, "URL_BASES", (f"{UNREACHABLE}/mnist/",))
     cfg = make_cfg("data=mnist", f"download.mirror={mirror}", "download.timeout=2", top="download")
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     raw.mkdir(parents=True)
     write_idx(raw / name, 2051, (1, 2, 2), bytes([1, 2, 3, 4]))
     with pytest.raises(DownloadError, match=rf"{name}: checksum mismatch: expected sha256 {mnist.FILES[name]}"):
@@ -277,7 +277,7 @@ def write_tiny_ptb(raw):
 
 def test_prepare_refuses_an_unverified_ptb_file_and_writes_nothing(make_cfg):
     cfg = make_cfg("data=ptb", "data.vocab_size=5", top="prepare")  # small enough that the tiny files would build
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     write_tiny_ptb(raw)
     with pytest.raises(data.DataError) as err:
         prepare.run(cfg)
@@ -295,7 +295,7 @@ def unverified_mnist(name: str) -> str:
 
 def test_prepare_refuses_an_unverified_mnist_file(make_cfg):
     cfg = make_cfg("data=mnist", "data.val_size=1", top="prepare")
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     raw.mkdir(parents=True)
     for prefix in ("train", "t10k"):
         write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", 2051, (2, 2, 2), bytes(8))
@@ -311,7 +311,7 @@ def test_prepare_refuses_one_hand_edited_mnist_label(make_cfg):
     """The real files with one test label changed: a valid IDX file that would build silently, so only the
     checksum can tell."""
     cfg = make_cfg("data=mnist", top="prepare")
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     raw.mkdir(parents=True)
     for name in mnist.FILES:
         shutil.copyfile(mirror_path() / "mnist" / name, raw / name)
@@ -332,7 +332,7 @@ def test_imdb_records_its_content_check_and_refuses_a_changed_archive(tmp_path, 
     monkeypatch.setattr(imdb, "CONTENT_DIGEST", imdb.content_digest(repack))  # the tiny archive is the truth
     monkeypatch.setattr(imdb, "URL", f"{UNREACHABLE}/aclImdb_v1.tar.gz")
     cfg = make_cfg("data=imdb", f"download.mirror={mirror}", "download.timeout=2", top="download")
-    raw = download.raw_dir(cfg)
+    raw = data.raw_dir(cfg.paths.data, cfg.data.source)
     download.run(cfg)
     record = raw / imdb.RECORD_NAME
     assert record.read_text() == f"{sha(repack.read_bytes())}  reviews.tar.gz\n"

@@ -17,7 +17,7 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def real_data(tmp_path_factory) -> Path:
     """Every dataset the presets read, downloaded from the mirror and prepared once for the session."""
     root = tmp_path_factory.mktemp("real")
-    for name in ("toy", "ptb", "imdb", "imdb_long", "mnist"):
+    for name in sorted(p.stem for p in (CONF / "data").glob("*.yaml")):  # every dataset and variant
         overrides = [f"paths.root={root}", f"data={name}", f"download.mirror={mirror_path()}"]
         cfg = compose_config(overrides, config_name="download")
         download.run(cfg)

@@ -62,6 +62,11 @@ def prepared_dir(data_root: str | Path, name: str) -> Path:
     return Path(data_root) / "prepared" / name
 
 
+def raw_dir(data_root: str | Path, source: str) -> Path:
+    """Where the download stage puts a dataset's verified raw files and the prepare stage reads them."""
+    return Path(data_root) / "raw" / source
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

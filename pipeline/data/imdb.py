@@ -15,10 +15,12 @@ import hashlib
 import logging
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import MISSING
 
 from pipeline.data import DataError, Dataset, atomic_write_bytes, split_off
 from pipeline.data.fetch import (
@@ -31,6 +33,8 @@ from pipeline.data.fetch import (
     sha256_file,
     verify_present,
 )
+from pipeline.data.registry import DatasetSpec
+from pipeline.schema import COUNT, SEED, Bound, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ RECORD_NAME = "VERIFIED.sha256"  # "<sha256>  reviews.tar.gz": written only once
 # sha256 over the sorted lines "aclImdb/<split>/<pos|neg>/<file>\t<sha256 of file>\n", split in train, test.
 CONTENT_DIGEST = "3a1bc6867d44017fb0273b44da36c399b999e7fd0427c388b57c67358d440db0"
 SPLITS, LABELS = ("train", "test"), ("neg", "pos")  # label id = position: neg 0, pos 1
+TRUNCATE = ("pre", "post")  # a long review keeps its end (pre) or its start (post)
+STANDARDIZE = ("lower_and_strip_punctuation", "lower", "strip_punctuation")  # TextVectorization's own names
 
 
 def labelled_member(member: str) -> tuple[str, int] | None:
@@ -231,3 +237,30 @@ def build(cfg: Any, raw: Path) -> Dataset:
         "class_names": list(LABELS),
     }
     return Dataset(splits=splits, meta=meta, stats=stats, vocab=vocab)
+
+
+@dataclass
+class IMDBDataConfig(DataConfig):
+    vocab_size: int = MISSING
+    max_len: int = MISSING
+    truncate: str = MISSING
+    standardize: str = MISSING
+    val_size: int = MISSING
+    seed: int = MISSING
+
+
+SPEC = DatasetSpec(
+    source="imdb",
+    kind="classification",
+    schema=IMDBDataConfig,
+    bounds={
+        "vocab_size": Bound(3, note=" (padding, out-of-vocabulary and a word)"),
+        "max_len": COUNT,
+        "val_size": Bound(1, 24_999, note=" (out of 25,000 training reviews)"),
+        "seed": SEED,
+    },
+    choices={"truncate": ("truncation", TRUNCATE), "standardize": ("standardisation", STANDARDIZE)},
+    download=download,
+    verify=verify,
+    build=build,
+)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import gzip
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import MISSING
 
 from pipeline.data import Dataset, split_off
 from pipeline.data.fetch import Source, fetch, mirror_source, require_sha256
+from pipeline.data.registry import DatasetSpec
+from pipeline.schema import SEED, Bound, DataConfig
 
 # Canonical host first, then the copy torchvision uses (the canonical host often refuses scripted downloads).
 URL_BASES = ("https://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
@@ -107,3 +111,20 @@ def build(cfg: Any, raw: Path) -> Dataset:
         for split, s in splits.items()
     }
     return Dataset(splits=splits, meta=meta, stats=stats)
+
+
+@dataclass
+class MNISTDataConfig(DataConfig):
+    val_size: int = MISSING
+    seed: int = MISSING
+
+
+SPEC = DatasetSpec(
+    source="mnist",
+    kind="classification",
+    schema=MNISTDataConfig,
+    bounds={"val_size": Bound(1, 59_999, note=" (out of 60,000 training images)"), "seed": SEED},
+    download=download,
+    verify=verify,
+    build=build,
+)

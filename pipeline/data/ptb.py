@@ -9,10 +9,12 @@ from __future__ import annotations
 import collections
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import MISSING
 
 from pipeline.data import Dataset
 from pipeline.data.fetch import (
@@ -25,6 +27,8 @@ from pipeline.data.fetch import (
     safe_extract,
     verify_present,
 )
+from pipeline.data.registry import DatasetSpec
+from pipeline.schema import Bound, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +145,19 @@ def build(cfg: Any, raw: Path) -> Dataset:
     }
     stats["vocab_size"] = len(vocab)
     return Dataset(splits=splits, meta=meta, stats=stats, vocab=vocab)
+
+
+@dataclass
+class PTBDataConfig(DataConfig):
+    vocab_size: int = MISSING
+
+
+SPEC = DatasetSpec(
+    source="ptb",
+    kind="language_model",
+    schema=PTBDataConfig,
+    bounds={"vocab_size": Bound(3, note=" (<eos>, <unk> and a word)")},
+    download=download,
+    verify=verify,
+    build=build,
+)

@@ -6,12 +6,16 @@ the task exists to exercise masking, not to be hard.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import MISSING
 
 from pipeline.data import Dataset
+from pipeline.data.registry import DatasetSpec
+from pipeline.schema import COUNT, SEED, Bound, DataConfig, require
 
 CLASS_NAMES = ("random", "linear")  # label 0, label 1
 SPLITS = ("train", "val", "test")
@@ -79,3 +83,40 @@ def stats(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
             "mean_len": round(float(lengths.mean()), 3),
         }
     return out
+
+
+@dataclass
+class ToyDataConfig(DataConfig):
+    min_len: int = MISSING
+    max_len: int = MISSING
+    max_value: int = MISSING
+    n_train: int = MISSING
+    n_val: int = MISSING
+    n_test: int = MISSING
+    pad_value: float = MISSING
+    seed: int = MISSING
+
+
+def check(cfg: Any) -> None:
+    """What ranges cannot say: the lengths in order, and room below max_value for a linear run of max_len steps."""
+    require(cfg.min_len <= cfg.max_len, "data.min_len", f"need 1 <= data.min_len <= data.max_len, got {cfg.min_len}")
+    require(cfg.max_value > cfg.max_len, "data.max_value", "must exceed data.max_len so that a linear run fits")
+
+
+SPEC = DatasetSpec(
+    source="toy",
+    kind="classification",
+    schema=ToyDataConfig,
+    bounds={
+        "min_len": COUNT,
+        "max_len": COUNT,
+        "max_value": COUNT,
+        "n_train": COUNT,
+        "n_val": COUNT,
+        "n_test": COUNT,
+        "pad_value": Bound(high=0, high_open=True, note=" (generated values are >= 0)"),
+        "seed": SEED,
+    },
+    check=check,
+    build=build,  # generated: nothing to download or verify
+)
