@@ -98,7 +98,7 @@ def test_wrong_type_fails_at_compose():
         ("optimizer.learning_rate=0", "optimizer.learning_rate: must be positive, got 0"),
         ("data.min_len=30", "data.min_len: need 1 <= data.min_len <= data.max_len, got 30"),
         ("data.pad_value=0.5", "data.pad_value: must be negative (generated values are >= 0), got 0.5"),
-        # Issue 12: accepted silently before.
+        # Values that a bare schema would accept silently.
         (
             "trainer.max_steps_per_epoch=-1",
             "trainer.max_steps_per_epoch: must be null or at least 1 (null = the whole training set), got -1",
@@ -110,7 +110,7 @@ def test_wrong_type_fails_at_compose():
         ),
         ("optimizer.learning_rate=nan", "optimizer.learning_rate: must be positive and finite, got nan"),
         ("trainer.generate_words=-1", "trainer.generate_words: must be at least 0 (0 = no samples), got -1"),
-        # Issue 12: tracebacks (or a TensorFlow abort) before.
+        # Values that would otherwise end in a traceback (or a TensorFlow abort).
         (
             "seed=-1",
             "seed: must be in [0, 4294967295] (NumPy and Keras seeds are unsigned 32-bit), got -1",
