@@ -102,13 +102,18 @@ class Task:
         # slower than Keras' loop, and masked input (IMDB, toy) needs Keras' loop.
         lm = dataset.meta["kind"] == "language_model"
         self.kernels = models.resolve_kernels(cfg.trainer.kernels) if lm else "keras"
-        if self.kernels == "fused" and cells.get(cfg.model.cell).fused is None:  # the fused loss and optimizer only
-            self.kernels_tag = f"fused, Keras' loop for {cfg.model.cell} (it has no fused kernel)"
-        else:
-            self.kernels_tag = self.kernels
         self.scope = distribution_scope(cfg)
         with self.scope:
             self.model = self.build()
+
+    @property
+    def kernels_tag(self) -> str:
+        """Which loops trained the run: a cell without a fused kernel runs Keras' loop inside the fused path (the
+        fused loss and optimizer still apply)."""
+        cell = self.cfg.model.cell
+        if self.kernels == "fused" and cells.get(cell).fused is None:
+            return f"fused, Keras' loop for {cell} (it has no fused kernel)"
+        return self.kernels
 
     # --- hooks -------------------------------------------------------------------------------------------------
     def build(self) -> keras.Model:
