@@ -31,7 +31,7 @@ SWEEPS = {  # name -> (dataset, epochs, sweeper, its params)
     "cells_toy_matched": ("toy", 30, "BasicSweeper", CELLS),
     "cells_imdb_matched": ("imdb", 3, "BasicSweeper", CELLS),
     "cells_mnist_matched": ("mnist", 5, "BasicSweeper", CELLS),
-    "cells_ptb_matched": ("ptb", 1, "BasicSweeper", {**CELLS, "model": "rnn,lstm,gru"}),
+    "cells_ptb_matched": ("ptb", 3, "BasicSweeper", {**CELLS, "model": "rnn,lstm,gru"}),
     "precision_ptb": ("ptb", 3, "BasicSweeper", {"trainer.precision": "bfloat16_grad,float32", "seed": "1,2,3,4,5"}),
     "ptb_lr": ("ptb", 3, "BasicSweeper", {"optimizer.learning_rate": "0.5,1.0,2.0", "model.dropout": "0.0,0.2"}),
     "optuna_imdb": (
