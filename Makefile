@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-integration test-full lint format ui bench profile server server-stop clean
+.PHONY: help setup run results test test-integration test-full lint format ui bench profile server server-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ $(STAMP): pyproject.toml
 
 run: setup ## the main job: the default DVC pipeline (prepare data, train, track in MLflow)
 	dvc repro
+
+results: setup ## the published results in docs/results, trained from scratch (STUDY=<name>: one study; hours)
+	python -m pipeline.results $(if $(STUDY),results.study=$(STUDY))
 
 test: setup ## the fast tier: unit and small integration tests on the toy data, one worker per core (about 2 minutes)
 	pytest -n auto -m "not integration and not slow" --durations=25

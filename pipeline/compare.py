@@ -249,7 +249,8 @@ def bands(runs: pd.DataFrame, curves: pd.DataFrame, key: str) -> pd.DataFrame:
 
 def anchors(runs: pd.DataFrame) -> pd.DataFrame:
     """Each preset with a published figure: ours (mean, 95% interval over its seeds) beside it, and whether it is
-    reproduced (inside our interval), better or worse, by how much."""
+    reproduced (inside our interval), better or worse, by how much; no verdict from fewer than ``MIN_SEEDS`` seeds,
+    as in the comparison tables."""
     if "tags.anchor.value" not in runs:
         return pd.DataFrame()
     rows = []
@@ -261,7 +262,9 @@ def anchors(runs: pd.DataFrame) -> pd.DataFrame:
         higher = of_metric(metric).higher
         column = "test" if metric.startswith("test/") else "best_val"
         ours, published = interval(group[column]), float(first["tags.anchor.value"])
-        if ours["n"] > 1 and ours["ci_low"] <= published <= ours["ci_high"]:
+        if ours["n"] < MIN_SEEDS:
+            verdict = f"needs >= {MIN_SEEDS} seeds"
+        elif ours["ci_low"] <= published <= ours["ci_high"]:
             verdict = "reproduced"
         else:
             verdict = "better" if (ours["mean"] > published) == higher else "worse"
@@ -277,6 +280,7 @@ def anchors(runs: pd.DataFrame) -> pd.DataFrame:
                 "gap": ours["mean"] - published,
                 "verdict": verdict,
                 "source": first["tags.anchor.source"],
+                "url": first.get("tags.anchor.url"),
             }
         )
     return pd.DataFrame(rows)

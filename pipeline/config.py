@@ -139,6 +139,7 @@ class AnchorConfig:
     metric: str | None = MISSING
     value: float | None = MISSING
     source: str | None = MISSING
+    url: str | None = None
 
 
 @dataclass
@@ -253,6 +254,30 @@ class ProfileTop:
 
 
 @dataclass
+class StudyConfig:
+    """One published study: what it shows and the training commands that produce it."""
+
+    title: str = MISSING
+    runs: list[str] = MISSING
+
+
+@dataclass
+class ResultsConfig:
+    dir: str = MISSING
+    study: str | None = MISSING
+    train: bool = MISSING
+
+
+@dataclass
+class ResultsTop:
+    """The published results (conf/results.yaml)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    studies: dict[str, StudyConfig] = field(default_factory=dict)
+
+
+@dataclass
 class UIConfig:
     host: str = MISSING
     port: int = MISSING
@@ -295,6 +320,7 @@ TOP_SCHEMAS: dict[str, type] = {
     "profile": ProfileTop,
     "generate": GenerateConfig,
     "ui": UITop,
+    "results": ResultsTop,
 }
 
 
@@ -487,6 +513,19 @@ def _check_data(
     return spec
 
 
+def anchor_problem(anchor: Mapping[str, Any]) -> str | None:
+    """Why a published figure cannot be cited, or None: it needs its metric and a public source a reader can open
+    (author, title, year, and where in it: a table, section or page, or a URL)."""
+    source, url = str(anchor.get("source") or ""), anchor.get("url")
+    if not anchor.get("metric"):
+        return "a published figure needs anchor.metric (which metric it reports)"
+    if not re.search(r"\b(19|20)\d\d\b", source):
+        return f"anchor.source {source!r} names no year: give author, title, year and where in it"
+    if not (url or re.search(r"\b(table|section|chapter|page|p\.|figure|fig\.|listing)\s*[\d.]+", source, re.I)):
+        return f"anchor.source {source!r} says not where the figure is: add a table, section or page, or anchor.url"
+    return None
+
+
 def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     """Fail early, naming the key, its value and the valid ones, on values the schema types cannot rule out.
     ``top`` names the entry point (conf/<top>.yaml); of a larger config (a training config handed to ``prepare``)
@@ -500,6 +539,9 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
         spec.check(cfg.data)  # what the dataset's ranges cannot express (toy: min_len <= max_len < max_value)
     for key in ("tracking.uri", "report.experiments"):
         _check(OmegaConf.select(cfg, key, default="set") != "", key, "must not be empty")
+    if "anchor" in cfg and cfg.anchor.value is not None:
+        problem = anchor_problem(cfg.anchor)
+        _check(problem is None, "anchor", f"{problem}, or set anchor.value=null when no public source states it")
     if "sweep" in cfg:
         resume = str(cfg.sweep.resume).lower()
         _check(resume in ("auto", "true", "false"), "sweep.resume", f"choose auto, true or false, got {resume!r}")

@@ -10,15 +10,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 import matplotlib
 import pandas as pd
-import scikit_posthocs as sp
 from omegaconf import DictConfig
 
-from pipeline import compare, config, data, tracking
+from pipeline import compare, config, data, figures, tracking
 from pipeline.objective import Objective, of_curves, of_runs
 from pipeline.redaction import redact
 
@@ -103,7 +101,7 @@ def plot_curves(name: str, table: pd.DataFrame, runs: pd.DataFrame, curves: pd.D
     axes[0].set_title(f"{name}: validation loss (mean, 95% interval over seeds)")
     axes[1].set_title(f"{name}: validation {metric}")
     axes[1].legend(fontsize=7)
-    return save(fig, out / f"{name}_curves.png")
+    return figures.save(fig, out / f"{name}_curves.png")
 
 
 def plot_trade_offs(name: str, table: pd.DataFrame, objective: Objective, out: Path) -> list[Path]:
@@ -124,16 +122,8 @@ def plot_trade_offs(name: str, table: pd.DataFrame, objective: Objective, out: P
         ax.set_title(f"{name}: test {objective.metric} vs {suffix}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        paths.append(save(fig, out / f"{name}_{suffix}.png"))
+        paths.append(figures.save(fig, out / f"{name}_{suffix}.png"))
     return paths
-
-
-def save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # The files the report writes, by folder: a report run owns every file matching these and nothing else there.
@@ -202,8 +192,8 @@ def write_dataset(name: str, runs: pd.DataFrame, curves: pd.DataFrame, out: Path
     files += [out / "comparisons" / f"{name}.csv", out / "comparisons" / f"{name}.md"]
     table.to_csv(files[3], index=False)
     files[4].write_text(shown(table, objective).to_markdown(index=False) + "\n")
-    figures = out / "figures"
-    files += [plot_curves(name, table, per_run, own, figures), *plot_trade_offs(name, table, objective, figures)]
+    folder = out / "figures"
+    files += [plot_curves(name, table, per_run, own, folder), *plot_trade_offs(name, table, objective, folder)]
     return DatasetReport(name, objective, board, per_run, table, files)
 
 
@@ -219,10 +209,9 @@ def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Pat
         f"Best = best mean validation metric (best epoch). Every other configuration is compared with it on "
         f"the test metric: {compare.TEST}. Intervals: 95% t-intervals of the mean over seeds.",
     ]
-    anchors = pd.concat([compare.anchors(r.runs) for r in reports], ignore_index=True)
-    if not anchors.empty:
-        lines += ["", "## Published numbers beside ours", "", anchors.round(4).to_markdown(index=False)]
-    lines_cd, figures = render_cell_ranks(reports, out / "figures")
+    lines += figures.anchors_section(pd.concat([compare.anchors(r.runs) for r in reports], ignore_index=True))
+    tables, objectives = {r.name: r.table for r in reports}, {r.name: r.objective for r in reports}
+    lines_cd, written = figures.cell_ranks_section(tables, objectives, out / "figures")
     lines += lines_cd
     for r in reports:
         lines += [
@@ -236,7 +225,7 @@ def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Pat
         ]
         lines += [f"![{p.stem}](figures/{p.name})" for p in r.files if p.suffix == ".png"]
         lines += ["", "### Runs", "", r.board.drop(columns=["run_id"]).to_markdown(index=False), ""]
-    return lines, figures
+    return lines, written
 
 
 def with_failed_trials(cfg: DictConfig, trials: pd.DataFrame, curves: pd.DataFrame) -> tuple:
@@ -306,34 +295,7 @@ def plot_tuning(title: str, curves: dict, summary: pd.DataFrame, objective: Obje
     axes[0][0].set_title(f"{title}: expected best of n trials (95% bootstrap band)", fontsize=10)
     if zoom:
         axes[0][1].set_title(f"without {cells.get(worst, worst)}", fontsize=10)
-    return save(fig, path)
-
-
-def render_cell_ranks(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Path]]:
-    """Average ranks of the cells over the datasets where all of them ran, the Friedman test and a Nemenyi
-    critical-difference diagram; nothing when fewer than 3 datasets share 3 cells."""
-    ranked = compare.cell_ranks({r.name: r.table for r in reports}, {r.name: r.objective for r in reports})
-    if ranked is None:
-        return [], []
-    fig, ax = plt.subplots(figsize=(8, 2.8))
-    sp.critical_difference_diagram(ranked["average"], ranked["nemenyi"], ax=ax)
-    ax.set_title("average rank over datasets (1 = best); a bar joins cells Nemenyi cannot separate", fontsize=9)
-    path = save(fig, out / "cells_critical_difference.png")
-    table = ranked["ranks"].copy()
-    table.loc["average rank"] = ranked["average"]
-    lines = [
-        "",
-        "## Cells across datasets",
-        "",
-        f"Each cell's configuration chosen on validation, ranked on its mean test metric per dataset (1 = best). "
-        f"Friedman test over {len(ranked['ranks'])} datasets: chi2 = {ranked['friedman_statistic']:.2f}, "
-        f"{compare.p_text(ranked['friedman_p'])}.",
-        "",
-        table.round(2).to_markdown(),
-        "",
-        f"![{path.stem}](figures/{path.name})",
-    ]
-    return lines, [path]
+    return figures.save(fig, path)
 
 
 def remove_stale(out: Path, written: list[Path]) -> list[Path]:
@@ -422,10 +384,10 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
         reports = [write_dataset(name, group, curves, out) for name, group in grouped]
         boards = {r.name: r.board for r in reports}
         written = [path for r in reports for path in r.files]
-        lines, figures = render(reports, out)
+        lines, rank_figures = render(reports, out)
         tuning_lines, tuning_files = write_tuning(*with_failed_trials(cfg, runs[searched], curves), out)
         sections += lines + tuning_lines
-        written += figures + tuning_files
+        written += rank_figures + tuning_files
     remove_stale(out, written)
     (out / "README.md").write_text("\n".join(sections) + "\n")
     data.write_json(out / INDEX, index)

@@ -156,7 +156,7 @@ def test_anchor_rows_say_reproduced_better_or_worse():
             "config_id": ["a"] * 3 + ["b"] * 3,
             "test": [0.97, 0.98, 0.99, 0.80, 0.81, 0.82],
             "best_val": [0.97, 0.98, 0.99, 0.80, 0.81, 0.82],
-            "tags.preset": ["mnist_lstm"] * 3 + ["imdb_seed"] * 3,
+            "tags.preset": ["mnist_lstm"] * 3 + ["imdb_rnn"] * 3,
             "tags.anchor.metric": ["test/accuracy"] * 6,
             "tags.anchor.value": ["0.98"] * 3 + ["0.78"] * 3,
             "tags.anchor.source": ["seed"] * 6,
@@ -164,7 +164,7 @@ def test_anchor_rows_say_reproduced_better_or_worse():
     )
     table = compare.anchors(runs).set_index("preset")
     assert table.loc["mnist_lstm", "verdict"] == "reproduced" and table.loc["mnist_lstm", "ours"] == pytest.approx(0.98)
-    assert table.loc["imdb_seed", "verdict"] == "better" and table.loc["imdb_seed", "gap"] == pytest.approx(0.03)
+    assert table.loc["imdb_rnn", "verdict"] == "better" and table.loc["imdb_rnn", "gap"] == pytest.approx(0.03)
 
 
 def test_cells_are_ranked_across_datasets_with_a_friedman_test():

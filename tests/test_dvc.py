@@ -87,6 +87,21 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(repo_copy):
     assert "Running stage 'train_toy'" in third and "Running stage 'prepare_toy'" not in third
 
 
+def test_a_run_changes_no_tracked_file_but_dvc_lock(repo_copy):
+    """A fresh clone's pipeline and report write only git-ignored outputs: no tracked file is deleted or changed
+    (dvc.lock only, here because the copy trains at the smoke budget)."""
+    for name in ("reports/.gitignore", "data/prepared/toy/.gitignore", "data/prepared/toy/stats.json"):
+        (repo_copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo_copy / name)
+    sh("git", "add", "-A", cwd=repo_copy)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone", cwd=repo_copy)
+    sh(str(BIN / "dvc"), "repro", "train_toy", cwd=repo_copy)
+    sh(str(BIN / "python"), "-m", "pipeline.report", cwd=repo_copy)
+    assert (repo_copy / "reports/README.md").exists() and (repo_copy / "models/toy.keras").exists()
+    status = sh("git", "status", "--porcelain", "--untracked-files=all", cwd=repo_copy).splitlines()
+    assert [line for line in status if not line.endswith("dvc.lock")] == [], status
+
+
 @needs_mirror
 def test_the_whole_default_pipeline_on_the_real_data_then_a_no_op(repo_copy):
     """`make run`'s `dvc repro`, every stage on the real datasets, with the smoke training budget (the full budget
