@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 STAGES = {f"pipeline.{name}" for name in ("bench", "download", "generate", "prepare", "profile", "report", "server")}
-STAGES |= {"pipeline.train", "pipeline.ui"}  # each a `python -m` entry point with a main()
+STAGES |= {"pipeline.train", "pipeline.ui", "pipeline.results"}  # each a `python -m` entry point with a main()
 
 
 def module_name(path: Path) -> str:

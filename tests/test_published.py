@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from pipeline import compare, config, figures, results
+from pipeline.config import StudyConfig
 from pipeline.schema import ConfigError
 from tests.conftest import CONF, REPO, compose_config
 
@@ -178,3 +180,26 @@ def test_the_index_lists_each_study_and_ranks_the_cells_over_all_their_datasets(
 def test_the_committed_index_matches_the_committed_studies(tmp_path):
     published = REPO / "docs" / "results"
     assert (published / "README.md").read_text() == "\n".join(results.index_lines(published, tmp_path)) + "\n"
+
+
+SMALL_TOY = ["data=toy", "data.n_train=64", "data.n_val=32", "data.n_test=32"]
+
+
+@pytest.mark.integration
+def test_a_study_trains_into_its_own_store_and_renders_its_report_apart_from_the_users(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNLAB_ROOT", str(tmp_path))
+    prepare = [sys.executable, "-m", "pipeline.prepare", *SMALL_TOY]
+    subprocess.run(prepare, cwd=REPO, check=True, capture_output=True)
+    cfg = compose_config(
+        [f"paths.root={tmp_path}", f"results.dir={tmp_path}/published", "results.study=tiny"], "results"
+    )
+    line = f"-m experiment=toy_dynamic {' '.join(SMALL_TOY[1:])} model.units=8 trainer.epochs=2 seed=1,2,3"
+    with open_dict(cfg):
+        cfg.studies["tiny"] = StudyConfig(title="three tiny seeds", runs=[line])
+    index = results.run(cfg)
+    made = json.loads((tmp_path / "published/tiny/study.json").read_text())
+    assert made["commands"] == [f"python -m pipeline.train {line}"] and made["minutes"] > 0 and made["cpu"]
+    assert "3 seeds each" in (tmp_path / "published/tiny/README.md").read_text()
+    assert "[tiny](tiny/README.md)" in index.read_text() and "three tiny seeds" in index.read_text()
+    assert (tmp_path / "published/tiny/mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()  # the user's: untouched
