@@ -88,13 +88,15 @@ def render(name: str, folder: Path, root: Path) -> None:
 
 
 def dataset_tables(folder: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Objective]]:
-    """Every study's aggregated comparison per dataset (``<study>/comparisons/<dataset>.csv``) and its objective."""
+    """Each dataset's aggregated comparison (``<study>/comparisons/<dataset>.csv``) and its objective; where two
+    studies ran a dataset, the one that compared more configurations."""
     tables, objectives = {}, {}
     for path in sorted(folder.glob("*/comparisons/*.csv")):
-        if path.stem.startswith("tuning_"):
+        table = pd.read_csv(path)
+        if path.stem.startswith("tuning_") or len(tables.get(path.stem, ())) >= len(table):
             continue
         source = path.stem if path.stem in registry.sources() else path.stem.split("_")[0]
-        tables[path.stem], objectives[path.stem] = pd.read_csv(path), for_kind(registry.kind_of(source))
+        tables[path.stem], objectives[path.stem] = table, for_kind(registry.kind_of(source))
     return tables, objectives
 
 

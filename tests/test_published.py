@@ -168,6 +168,7 @@ def test_the_index_lists_each_study_and_ranks_the_cells_over_all_their_datasets(
     fake_study(tmp_path, "one", {"toy": {"GRU": 0.99, "LSTM": 0.98, "SimpleRNN": 0.6}})
     fake_study(tmp_path, "two", {"mnist": {"GRU": 0.98, "LSTM": 0.97, "SimpleRNN": 0.9}})
     fake_study(tmp_path, "three", {"ptb": {"LSTM": 120.0, "GRU": 125.0, "SimpleRNN": 160.0}})  # lower is better
+    fake_study(tmp_path, "zzz", {"mnist": {"SimpleRNN": 0.99}})  # one preset: the comparison above is kept
     text = results.write_index(tmp_path).read_text()
     assert "[one](one/README.md)" in text and "0123456789ab" in text and "42 min" in text and "Some CPU" in text
     assert "- toy: GRU is best" in text and "- ptb: LSTM is best" in text
