@@ -115,8 +115,9 @@ def launch_ui(root: Path, port: int, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:
-    """Until the dashboard answers /health (MLflow's server takes ~10 s); fail early if ``proc`` exits."""
+def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 180.0) -> None:
+    """Until the dashboard answers /health (MLflow's server takes ~10 s, a minute on a loaded machine); fail early if
+    ``proc`` exits."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
