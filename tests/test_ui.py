@@ -193,7 +193,9 @@ def test_a_stop_signal_to_the_dashboard_stops_its_whole_server(tmp_path, mlflow_
         assert not accepts(port), f"port {port} still open"
         assert not {pid for pid in family if alive(pid)}, "a process the dashboard started still runs"
         assert not group_members(groups), "a process of the dashboard's groups still runs"
-    finally:
+    finally:  # also when the dashboard never answered: its server, in a session of its own, is found here
+        family |= descendants(proc.pid) if proc.poll() is None else set()
+        groups |= {group for pid in family if (group := pgid(pid)) is not None}
         kill_all({proc.pid, *family}, groups)
         with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
