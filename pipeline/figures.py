@@ -62,8 +62,6 @@ def anchors_section(anchors: pd.DataFrame) -> list[str]:
     if anchors.empty:
         return []
     shown = anchors.copy()
-    urls = shown.pop("url") if "url" in shown else pd.Series(None, index=shown.index)
-    shown["source"] = [
-        f"[{s}]({u})" if isinstance(u, str) and u else s for s, u in zip(shown["source"], urls, strict=True)
-    ]
+    linked = zip(shown["source"], shown.pop("url"), strict=True)  # compare.anchors gives every row its url (or None)
+    shown["source"] = [f"[{s}]({u})" if isinstance(u, str) and u else s for s, u in linked]
     return ["", "## Published numbers beside ours", "", shown.round(4).to_markdown(index=False)]

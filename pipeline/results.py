@@ -164,11 +164,10 @@ def run(cfg: DictConfig) -> Path:
     """Train and render the chosen studies (or only render, ``results.train=false``), then write the index."""
     config.validate(cfg, "results")
     folder, root = Path(cfg.results.dir), Path(cfg.paths.root)
-    names = list(cfg.studies) if cfg.results.study is None else [cfg.results.study]
-    unknown = [n for n in names if n not in cfg.studies]
-    if unknown:
-        raise StudyError(f"results.study={unknown[0]!r} is no study; choose one of: {', '.join(cfg.studies)}")
-    for name in names:
+    chosen = cfg.results.study
+    if chosen is not None and chosen not in cfg.studies:
+        raise StudyError(f"results.study={chosen!r} is no study; choose one of: {', '.join(cfg.studies)}")
+    for name in list(cfg.studies) if chosen is None else [chosen]:
         own = folder / name
         if cfg.results.train:
             data.write_json(own / STUDY_FILE, train(name, cfg.studies[name], own, root))
