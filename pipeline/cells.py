@@ -9,11 +9,16 @@ The Keras class may be a layer (``keras.layers.LSTM``) or a cell (``keras.layers
 ``keras.layers.Layer`` with ``state_size`` and ``call(inputs, states)``), which ``keras.layers.RNN`` then runs.
 Bidirectional reading and stacking are wrappers around any cell (``models.recurrent_layer``). A cell without a fused
 kernel runs Keras' loop inside the fused language-model path, and its run's ``kernels`` tag says so.
+
+Keras' three are registered below; the variants (peephole LSTM, CIFG, NFG, NOAF, MGU, IndRNN) are one module each in
+``pipeline/variants/``, found by name and loaded on first use.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,24 +86,45 @@ def registered(cell: Cell) -> Iterator[Cell]:
         unregister(cell.name)
 
 
+VARIANTS = "pipeline.variants"  # one module per built-in cell beyond Keras' own, each with its CELL
+
+
+def variants() -> tuple[str, ...]:
+    """The built-in variant cells, by module name, found without importing them (nor TensorFlow)."""
+    spec = importlib.util.find_spec(VARIANTS)
+    found = pkgutil.iter_modules(spec.submodule_search_locations if spec else [])
+    return tuple(sorted(m.name for m in found if not m.name.startswith("_")))
+
+
+def _variant(name: str) -> Cell:
+    """Register the variant module ``name``'s ``CELL`` on first use."""
+    cell = importlib.import_module(f"{VARIANTS}.{name}").CELL
+    if cell.name != name:
+        raise CellError(f"{VARIANTS}.{name} declares cell {cell.name!r}: a variant's CELL is named as its module")
+    return _REGISTRY.get(name) or register(cell)
+
+
 def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return tuple(dict.fromkeys([*_REGISTRY, *variants()]))
 
 
 def get(name: str) -> Cell:
     """The cell called ``name``; an unknown one is an error that lists the known ones."""
-    if name not in _REGISTRY:
-        raise CellError(f"unknown cell type {name!r}; valid cell types: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in variants():
+        return _variant(name)
+    raise CellError(f"unknown cell type {name!r}; valid cell types: {', '.join(names())}")
 
 
 def display(name: Any) -> str:
     """``lstm`` -> ``LSTM``, ``bilstm`` -> ``BiLSTM`` (a run's ``cell`` tag); anything else as it is."""
     text = str(name or "") or "?"
-    if text in _REGISTRY:
-        return _REGISTRY[text].display
-    if text.startswith("bi") and text[2:] in _REGISTRY:
-        return "Bi" + _REGISTRY[text[2:]].display
+    known = names()
+    if text in known:
+        return get(text).display
+    if text.startswith("bi") and text[2:] in known:
+        return "Bi" + get(text[2:]).display
     return text
 
 
