@@ -104,22 +104,76 @@ def _variant(name: str) -> Cell:
     return _REGISTRY.get(name) or register(cell)
 
 
+def is_path(name: Any) -> bool:
+    """``package.module:Class``: a cell from the user's own code rather than a registered name."""
+    return isinstance(name, str) and ":" in name
+
+
+def _imported(path: str) -> Cell:
+    """The cell ``package.module:Attr`` names: a Keras RNN cell class (``state_size`` and ``call(inputs, states)``,
+    which ``keras.layers.RNN`` runs), a Keras recurrent layer class, a factory ``f(units, **settings)`` of either, or
+    a ``Cell``. Registered under the path on first use."""
+    module, _, attr = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CellError(f"model.cell={path!r}: cannot import it ({type(err).__name__}: {err})") from err
+    if isinstance(found, Cell):
+        cell = Cell(path, found.display, found.keras, found.gates, found.fused)
+    else:
+        _check_recurrent(found, path)
+        cell = Cell(path, getattr(found, "__name__", attr), found, gates=1)
+    _REGISTRY[path] = cell
+    return cell
+
+
+def _check_recurrent(found: Any, path: str) -> None:
+    """``found(units)`` must make a Keras RNN cell (a layer with ``state_size``) or a recurrent layer."""
+    import keras  # only for a cell from the user's code: the registry itself imports no TensorFlow
+
+    what = (
+        f"model.cell={path!r} names {found!r}: give a Keras RNN cell class (a keras.layers.Layer with state_size and "
+        "call(inputs, states)), a recurrent layer class or a factory of one"
+    )
+    if not callable(found):
+        raise CellError(what)
+    try:
+        made = found(2)
+    except Exception as err:  # the user's code: any failure is theirs to see
+        raise CellError(f"{what}; {getattr(found, '__name__', path)}(2) failed: {err}") from err
+    if not (
+        isinstance(made, keras.layers.RNN) or (isinstance(made, keras.layers.Layer) and hasattr(made, "state_size"))
+    ):
+        raise CellError(what)
+
+
 def names() -> tuple[str, ...]:
-    return tuple(dict.fromkeys([*_REGISTRY, *variants()]))
+    return tuple(dict.fromkeys([*(n for n in _REGISTRY if not is_path(n)), *variants()]))
 
 
 def get(name: str) -> Cell:
-    """The cell called ``name``; an unknown one is an error that lists the known ones."""
+    """The cell called ``name`` (or named by an import path); an unknown one is an error listing the known ones."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name in variants():
         return _variant(name)
-    raise CellError(f"unknown cell type {name!r}; valid cell types: {', '.join(names())}")
+    if is_path(name):
+        return _imported(name)
+    raise CellError(
+        f"unknown cell type {name!r}; valid cell types: {', '.join(names())}, or package.module:Class for your own"
+    )
+
+
+def prefix(name: str) -> str:
+    """A layer-name prefix for the cell: its name, or for an import path its attribute in lower case."""
+    return name.partition(":")[2].lower() if is_path(name) else name
 
 
 def display(name: Any) -> str:
     """``lstm`` -> ``LSTM``, ``bilstm`` -> ``BiLSTM`` (a run's ``cell`` tag); anything else as it is."""
     text = str(name or "") or "?"
+    if is_path(text.removeprefix("bi")):
+        return ("Bi" if text.startswith("bi") else "") + get(text.removeprefix("bi")).display
     known = names()
     if text in known:
         return get(text).display

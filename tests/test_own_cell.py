@@ -1,0 +1,66 @@
+"""A cell from the user's own code, named by import path (``model.cell=package.module:Class``): checked when the
+config is, trained on a classifier and a language model, shown by its class name. The module is the README's example
+(``examples/my_cell.py``), written to a temporary folder as a user's would be."""
+
+import math
+import re
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import cells, config, models, prepare, train
+from tests.conftest import REPO, model_cfg
+
+SMALL_DATA = ("data.n_train=128", "data.n_val=32", "data.n_test=64")
+OWN = "user_cells:LeakyCell"
+
+
+@pytest.fixture
+def own_cell(tmp_path, monkeypatch):
+    """examples/my_cell.py as the user's module ``user_cells`` on the import path."""
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    shutil.copy(REPO / "examples" / "my_cell.py", folder / "user_cells.py")
+    monkeypatch.syspath_prepend(str(folder))
+    yield OWN
+    cells.unregister(OWN)
+
+
+def test_a_cell_by_import_path_trains_a_classifier(own_cell, make_cfg, mlflow_store):
+    prepare.run(make_cfg(*SMALL_DATA))
+    result = train.run(make_cfg(*SMALL_DATA, "budget=smoke", "model=rnn", f"model.cell={own_cell}", "model.units=8"))
+    run = MlflowClient(tracking_uri=mlflow_store).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["cell"] == own_cell
+    assert 0 <= result["metrics"]["test/accuracy"] <= 1
+    assert cells.display(own_cell) == "LeakyCell" and cells.display(f"bi{own_cell}") == "BiLeakyCell"
+
+
+def test_a_cell_by_import_path_trains_a_language_model(own_cell, tiny_ptb, mlflow_store):
+    result = train.run(tiny_ptb(f"model.cell={own_cell}", "model.init_scale=null", "trainer.generate_words=0"))
+    ppl = result["metrics"]["val/perplexity"]
+    assert math.isfinite(ppl) and ppl < 7  # a periodic stream of 7 words: learning beats uniform guessing
+
+
+def test_a_cell_by_import_path_stacks_and_reads_both_ways(own_cell):
+    import keras
+
+    layer = models.recurrent_layer(model_cfg(cell=own_cell, units=4, bidirectional=True), False, "leaky_1")
+    assert layer(keras.ops.zeros((2, 5, 3))).shape == (2, 8)
+    assert layer.count_params() == 2 * (3 * 4 + 4 * 4 + 4 + 4)  # kernel, recurrent, bias, rate per direction
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("no_such_module:Cell", r"cannot import it \(ModuleNotFoundError"),
+        ("user_cells:NoSuchCell", r"cannot import it \(AttributeError"),
+        ("keras.layers:Dense", "not a Keras RNN cell|names .*Dense"),
+        ("math:pi", "names 3.14"),
+    ],
+)
+def test_a_path_that_is_not_an_rnn_cell_is_refused_in_one_line_naming_model_cell(own_cell, make_cfg, path, says):
+    with pytest.raises(config.ConfigError, match=f"model.cell='{path}'") as err:
+        config.validate(make_cfg(f"model.cell={path}"))
+    assert "\n" not in str(err.value)
+    assert re.search(says, str(err.value))
