@@ -122,9 +122,19 @@ def _imported(path: str) -> Cell:
         cell = Cell(path, found.display, found.keras, found.gates, found.fused)
     else:
         _check_recurrent(found, path)
+        _serializable(found, module)
         cell = Cell(path, getattr(found, "__name__", attr), found, gates=1)
     _REGISTRY[path] = cell
     return cell
+
+
+def _serializable(found: Any, module: str) -> None:
+    """Register the user's class with Keras' serializer unless they did, so that checkpoints and logged models of it
+    load back (``tracking.load_model`` looks the cell up again from the run before loading)."""
+    import keras
+
+    if isinstance(found, type) and keras.saving.get_registered_object(keras.saving.get_registered_name(found)) is None:
+        keras.saving.register_keras_serializable(package=module)(found)
 
 
 def _check_recurrent(found: Any, path: str) -> None:

@@ -3,9 +3,13 @@ config is, trained on a classifier and a language model, shown by its class name
 (``examples/my_cell.py``), written to a temporary folder as a user's would be."""
 
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -64,3 +68,39 @@ def test_a_path_that_is_not_an_rnn_cell_is_refused_in_one_line_naming_model_cell
         config.validate(make_cfg(f"model.cell={path}"))
     assert "\n" not in str(err.value)
     assert re.search(says, str(err.value))
+
+
+UNDECORATED = """
+import keras
+
+
+class Plain(keras.layers.SimpleRNNCell):  # no register_keras_serializable: rnnlab registers it
+    pass
+"""
+
+
+@pytest.mark.integration
+def test_a_logged_model_of_an_own_cell_loads_back_in_a_new_process_with_equal_predictions(
+    tmp_path, make_cfg, mlflow_store, monkeypatch
+):
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    (folder / "plain_cells.py").write_text(UNDECORATED)
+    monkeypatch.syspath_prepend(str(folder))
+    prepare.run(make_cfg(*SMALL_DATA))
+    result = train.run(make_cfg(*SMALL_DATA, "budget=smoke", "model.cell=plain_cells:Plain", "model.units=8"))
+    cells.unregister("plain_cells:Plain")
+    uri = result["model_uri"]
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        f"mlflow.set_tracking_uri({mlflow_store!r})\n"
+        "from pipeline import tracking\n"
+        f"m = tracking.load_model({uri!r})\n"
+        "x = np.linspace(0, 0.02, 40, dtype='float32').reshape(2, 20, 1)\n"
+        "np.save(sys.argv[1], m.predict(x, verbose=0))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{REPO}"}
+    out = tmp_path / "pred.npy"
+    subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True, cwd=REPO)
+    x = np.linspace(0, 0.02, 40, dtype="float32").reshape(2, 20, 1)
+    np.testing.assert_allclose(np.load(out), result["model"].predict(x, verbose=0), rtol=1e-5)
