@@ -6,8 +6,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -104,3 +106,41 @@ def test_a_logged_model_of_an_own_cell_loads_back_in_a_new_process_with_equal_pr
     subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True, cwd=REPO)
     x = np.linspace(0, 0.02, 40, dtype="float32").reshape(2, 20, 1)
     np.testing.assert_allclose(np.load(out), result["model"].predict(x, verbose=0), rtol=1e-5)
+
+
+SWEEP = (
+    "data.n_train=600",
+    "data.n_val=64",
+    "data.n_test=64",
+    "model.units=16",
+    "trainer.epochs=4",
+    "trainer.batch_size=4",
+    "tracking.log_model=false",
+)
+
+
+@pytest.mark.integration  # real processes
+def test_an_own_cell_sweeps_over_2_seeds_and_resumes_after_sigterm_to_the_same_metrics(own_cell, make_cfg, tmp_path):
+    prepare.run(make_cfg(*SWEEP))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path / "user_code")}
+    env.pop("RNNLAB_ROOT", None)
+    sweep = [sys.executable, "-m", "pipeline.train", "-m", f"paths.root={tmp_path}", "trainer.verbose=0", *SWEEP]
+    sweep += [f"model.cell={own_cell}", "seed=1,2", "trainer.intra_op_threads=1"]
+    proc = subprocess.Popen(sweep, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "checkpoints").glob("*/state.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # the first job, after a checkpointed epoch
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    again = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("rnnlab-toy").experiment_id
+    jobs = [r for r in client.search_runs([experiment]) if r.data.tags.get("sweep_role") != "parent"]
+    finished = {r.data.params["seed"]: r for r in jobs if r.info.status == "FINISHED"}
+    assert set(finished) == {"1", "2"} and all(r.data.tags["cell"] == own_cell for r in finished.values())
+    assert any("resumed_at_epoch" in r.data.tags for r in finished.values())
+    fresh = train.run(make_cfg(*SWEEP, f"model.cell={own_cell}", "seed=1", "tracking.enabled=false"))
+    assert finished["1"].data.metrics["test/accuracy"] == pytest.approx(fresh["metrics"]["test/accuracy"], abs=1e-6)
+    assert finished["1"].data.metrics["test/loss"] == pytest.approx(fresh["metrics"]["test/loss"], rel=1e-5)
