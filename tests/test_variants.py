@@ -6,9 +6,11 @@ import math
 import keras
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from pipeline import cells, config, models, prepare, train
-from tests.conftest import model_cfg
+from tests.conftest import CONF, compose_config, model_cfg
+from tests.test_compare import METAS
 
 VARIANTS = ("cifg", "indrnn", "mgu", "nfg", "noaf", "peephole")
 
@@ -121,3 +123,14 @@ def test_each_variant_learns_the_toy_task(name, make_cfg):
     cfg.tracking.log_model = False
     result = train.run(cfg)
     assert result["metrics"]["test/accuracy"] > 0.7
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "imdb"])
+@pytest.mark.parametrize("name", ["lstm", "peephole", "cifg", "nfg", "noaf", "gru", "mgu"])
+def test_the_variants_study_sizes_every_cell_to_the_lstms_budget(dataset, name):
+    """sweep=lstm_variants_<dataset>: each cell within 2% of the LSTM's parameter count (or the nearest it can)."""
+    base = compose_config([f"experiment={dataset}_lstm"]).model
+    budget = OmegaConf.load(CONF / "sweep" / f"lstm_variants_{dataset}.yaml").model.param_budget
+    cfg = OmegaConf.merge(base, {"cell": name})
+    units, count = models.units_for_budget(cfg, METAS[dataset], budget)
+    assert abs(count - budget) <= 0.02 * budget, (units, count)
