@@ -9,11 +9,16 @@ The Keras class may be a layer (``keras.layers.LSTM``) or a cell (``keras.layers
 ``keras.layers.Layer`` with ``state_size`` and ``call(inputs, states)``), which ``keras.layers.RNN`` then runs.
 Bidirectional reading and stacking are wrappers around any cell (``models.recurrent_layer``). A cell without a fused
 kernel runs Keras' loop inside the fused language-model path, and its run's ``kernels`` tag says so.
+
+Keras' three are registered below; the variants (peephole LSTM, CIFG, NFG, NOAF, MGU, IndRNN) are one module each in
+``pipeline/variants/``, found by name and loaded on first use.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,24 +86,109 @@ def registered(cell: Cell) -> Iterator[Cell]:
         unregister(cell.name)
 
 
+VARIANTS = "pipeline.variants"  # one module per built-in cell beyond Keras' own, each with its CELL
+
+
+def variants() -> tuple[str, ...]:
+    """The built-in variant cells, by module name, found without importing them (nor TensorFlow)."""
+    spec = importlib.util.find_spec(VARIANTS)
+    found = pkgutil.iter_modules(spec.submodule_search_locations if spec else [])
+    return tuple(sorted(m.name for m in found if not m.name.startswith("_")))
+
+
+def _variant(name: str) -> Cell:
+    """Register the variant module ``name``'s ``CELL`` on first use."""
+    cell = importlib.import_module(f"{VARIANTS}.{name}").CELL
+    if cell.name != name:
+        raise CellError(f"{VARIANTS}.{name} declares cell {cell.name!r}: a variant's CELL is named as its module")
+    return _REGISTRY.get(name) or register(cell)
+
+
+def is_path(name: Any) -> bool:
+    """``package.module:Class``: a cell from the user's own code rather than a registered name."""
+    return isinstance(name, str) and ":" in name
+
+
+def _imported(path: str) -> Cell:
+    """The cell ``package.module:Attr`` names: a Keras RNN cell class (``state_size`` and ``call(inputs, states)``,
+    which ``keras.layers.RNN`` runs), a Keras recurrent layer class, a factory ``f(units, **settings)`` of either, or
+    a ``Cell``. Registered under the path on first use."""
+    module, _, attr = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CellError(f"model.cell={path!r}: cannot import it ({type(err).__name__}: {err})") from err
+    if isinstance(found, Cell):
+        cell = Cell(path, found.display, found.keras, found.gates, found.fused)
+    else:
+        _check_recurrent(found, path)
+        _serializable(found, module)
+        cell = Cell(path, getattr(found, "__name__", attr), found, gates=1)
+    _REGISTRY[path] = cell
+    return cell
+
+
+def _serializable(found: Any, module: str) -> None:
+    """Register the user's class with Keras' serializer unless they did, so that checkpoints and logged models of it
+    load back (``tracking.load_model`` looks the cell up again from the run before loading)."""
+    import keras
+
+    if isinstance(found, type) and keras.saving.get_registered_object(keras.saving.get_registered_name(found)) is None:
+        keras.saving.register_keras_serializable(package=module)(found)
+
+
+def _check_recurrent(found: Any, path: str) -> None:
+    """``found(units)`` must make a Keras RNN cell (a layer with ``state_size``) or a recurrent layer."""
+    import keras  # only for a cell from the user's code: the registry itself imports no TensorFlow
+
+    what = (
+        f"model.cell={path!r} names {found!r}: give a Keras RNN cell class (a keras.layers.Layer with state_size and "
+        "call(inputs, states)), a recurrent layer class or a factory of one"
+    )
+    if not callable(found):
+        raise CellError(what)
+    try:
+        made = found(2)
+    except Exception as err:  # the user's code: any failure is theirs to see
+        raise CellError(f"{what}; {getattr(found, '__name__', path)}(2) failed: {err}") from err
+    if not (
+        isinstance(made, keras.layers.RNN) or (isinstance(made, keras.layers.Layer) and hasattr(made, "state_size"))
+    ):
+        raise CellError(what)
+
+
 def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return tuple(dict.fromkeys([*(n for n in _REGISTRY if not is_path(n)), *variants()]))
 
 
 def get(name: str) -> Cell:
-    """The cell called ``name``; an unknown one is an error that lists the known ones."""
-    if name not in _REGISTRY:
-        raise CellError(f"unknown cell type {name!r}; valid cell types: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    """The cell called ``name`` (or named by an import path); an unknown one is an error listing the known ones."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in variants():
+        return _variant(name)
+    if is_path(name):
+        return _imported(name)
+    raise CellError(
+        f"unknown cell type {name!r}; valid cell types: {', '.join(names())}, or package.module:Class for your own"
+    )
+
+
+def prefix(name: str) -> str:
+    """A layer-name prefix for the cell: its name, or for an import path its attribute in lower case."""
+    return name.partition(":")[2].lower() if is_path(name) else name
 
 
 def display(name: Any) -> str:
     """``lstm`` -> ``LSTM``, ``bilstm`` -> ``BiLSTM`` (a run's ``cell`` tag); anything else as it is."""
     text = str(name or "") or "?"
-    if text in _REGISTRY:
-        return _REGISTRY[text].display
-    if text.startswith("bi") and text[2:] in _REGISTRY:
-        return "Bi" + _REGISTRY[text[2:]].display
+    if is_path(text.removeprefix("bi")):
+        return ("Bi" if text.startswith("bi") else "") + get(text.removeprefix("bi")).display
+    known = names()
+    if text in known:
+        return get(text).display
+    if text.startswith("bi") and text[2:] in known:
+        return "Bi" + get(text[2:]).display
     return text
 
 

@@ -526,6 +526,14 @@ def anchor_problem(anchor: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _check_own_cell(path: str) -> None:
+    """A cell from the user's code (``package.module:Class``) must import and be an RNN cell: one line if not."""
+    try:
+        cells.get(path)
+    except cells.CellError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     """Fail early, naming the key, its value and the valid ones, on values the schema types cannot rule out.
     ``top`` names the entry point (conf/<top>.yaml); of a larger config (a training config handed to ``prepare``)
@@ -533,6 +541,9 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     cfg = OmegaConf.masked_copy(cfg, [f.name for f in fields(TOP_SCHEMAS[top]) if f.name in cfg])
     _check_schema(cfg, schema_of(cfg, top), resolve=top == "config" or "data" in cfg)  # others name no dataset
     bounds, choices = dict(BOUNDS), {**CHOICES, "model.cell": ("cell type", cells.names())}  # cells: registered now
+    if cells.is_path(OmegaConf.select(cfg, "model.cell", default=None)):
+        _check_own_cell(cfg.model.cell)
+        del choices["model.cell"]
     spec = _check_data(cfg.data, bounds, choices) if "data" in cfg else None
     _check_table(cfg, bounds, choices)
     if spec is not None and spec.check is not None:

@@ -120,10 +120,11 @@ def recurrent_layer(
         "dtype": dtype,
         "name": name,
     }
-    if issubclass(cls, keras.layers.RNN):  # a whole layer: LSTM, GRU, SimpleRNN, their fused kernels
+    if isinstance(cls, type) and issubclass(cls, keras.layers.RNN):  # a whole layer: LSTM, GRU, their fused kernels
         layer = cls(cfg.units, **settings, **common)
-    else:  # a cell, which keras.layers.RNN runs over the sequence
-        layer = keras.layers.RNN(cls(cfg.units, **cell_settings(cls, settings, cfg.cell), dtype=dtype), **common)
+    else:  # a cell (or a factory of one), which keras.layers.RNN runs over the sequence
+        made = cls(cfg.units, **cell_settings(cls, {**settings, "dtype": dtype}, cfg.cell))
+        layer = keras.layers.RNN(made, **common)
     if cfg.bidirectional:
         layer = keras.layers.Bidirectional(layer, name=f"bi_{name}", dtype=dtype)
     return layer
@@ -132,7 +133,9 @@ def recurrent_layer(
 def cell_settings(cls: type, settings: dict[str, Any], name: str) -> dict[str, Any]:
     """The model settings a cell class takes (its ``__init__`` names them). One it does not take may only be left
     at its default (0 recurrent dropout, Keras' initialisers): asked for, it is an error that says which."""
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = dict(inspect.signature(cls.__init__ if isinstance(cls, type) else cls).parameters)
+    if isinstance(cls, type) and issubclass(cls, keras.layers.Layer):
+        accepted["dtype"] = None  # every Keras layer takes its dtype policy
     unsupported = [key for key, value in settings.items() if key not in accepted and value]
     if unsupported:
         keys = ", ".join(dict.fromkeys("model.init_scale" if "initializer" in k else f"model.{k}" for k in unsupported))
@@ -172,7 +175,9 @@ def build_classifier(cfg: Any, meta: dict[str, Any], precision: str = "float32")
     body, head = layer_dtypes(precision)
     inputs, x = input_block(cfg, meta, body)
     for i in range(cfg.layers):
-        x = recurrent_layer(cfg, return_sequences=i < cfg.layers - 1, name=f"{cfg.cell}_{i + 1}", dtype=body)(x)
+        x = recurrent_layer(
+            cfg, return_sequences=i < cfg.layers - 1, name=f"{cells.prefix(cfg.cell)}_{i + 1}", dtype=body
+        )(x)
         if cfg.dropout:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}", dtype=body)(x)
     if head is None:
@@ -180,7 +185,7 @@ def build_classifier(cfg: Any, meta: dict[str, Any], precision: str = "float32")
     else:  # reduced precision: logits in it, the softmax in float32
         x = keras.layers.Dense(meta["num_classes"], name="class_logits", dtype=head)(x)
         outputs = keras.layers.Activation("softmax", dtype="float32", name="classes")(x)
-    name = f"{'bi' if cfg.bidirectional else ''}{cfg.cell}_{meta['name']}"
+    name = f"{'bi' if cfg.bidirectional else ''}{cells.prefix(cfg.cell)}_{meta['name']}"
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -214,7 +219,9 @@ def build_language_model(
         x = keras.layers.Dropout(cfg.dropout, name="dropout_0", dtype=body)(x)
     for i in range(cfg.layers):
         fuse = fused and stateful
-        x = recurrent_layer(cfg, True, f"{cfg.cell}_{i + 1}", stateful=stateful, dtype=body, fused=fuse)(x)
+        x = recurrent_layer(cfg, True, f"{cells.prefix(cfg.cell)}_{i + 1}", stateful=stateful, dtype=body, fused=fuse)(
+            x
+        )
         if cfg.dropout:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}", dtype=body)(x)
     dense_init = initializers(cfg)
@@ -228,7 +235,7 @@ def build_language_model(
     )(x)
     if head is not None:  # the loss and generation read float32 logits
         logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
-    return keras.Model(inputs, logits, name=f"{cfg.cell}_lm_{meta['name']}")
+    return keras.Model(inputs, logits, name=f"{cells.prefix(cfg.cell)}_lm_{meta['name']}")
 
 
 def reset_states(model: keras.Model) -> None:

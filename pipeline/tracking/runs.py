@@ -42,6 +42,7 @@ from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipeline import cells  # noqa: E402
 from pipeline.config import result_config  # noqa: E402
 from pipeline.redaction import redact, redacted  # noqa: E402
 from pipeline.sweep import Pruned
@@ -687,7 +688,12 @@ def metric_histories(tracking_uri: str, run_ids: list[str], keys: list[str]) -> 
 
 
 def load_model(uri: str) -> keras.Model:
-    """A logged Keras model from ``runs:/<id>/model`` or any MLflow model URI."""
+    """A logged Keras model from ``runs:/<id>/model`` or any MLflow model URI. A model of a cell from the user's own
+    code (``model.cell=package.module:Class``) finds its class again through the run that logged it."""
+    run_id = mlflow.models.get_model_info(uri).run_id
+    cell = mlflow.MlflowClient().get_run(run_id).data.params.get("model.cell") if run_id else None
+    if cells.is_path(cell):
+        cells.get(cell)  # imports the user's module and registers the class with Keras' serializer
     return mlflow.keras.load_model(uri)
 
 
