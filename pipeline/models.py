@@ -123,8 +123,14 @@ def recurrent_layer(
     if isinstance(cls, type) and issubclass(cls, keras.layers.RNN):  # a whole layer: LSTM, GRU, their fused kernels
         layer = cls(cfg.units, **settings, **common)
     else:  # a cell (or a factory of one), which keras.layers.RNN runs over the sequence
-        made = cls(cfg.units, **cell_settings(cls, {**settings, "dtype": dtype}, cfg.cell))
-        layer = keras.layers.RNN(made, **common)
+        own = cell_settings(cls, {**settings, "dtype": dtype}, cfg.cell)
+        made = cls(cfg.units, **own)
+        # A factory of a whole recurrent layer: made again with the layer's settings, not wrapped in a second one.
+        layer = (
+            cls(cfg.units, **{**own, **common})
+            if isinstance(made, keras.layers.RNN)
+            else keras.layers.RNN(made, **common)
+        )
     if cfg.bidirectional:
         layer = keras.layers.Bidirectional(layer, name=f"bi_{name}", dtype=dtype)
     return layer
@@ -134,6 +140,8 @@ def cell_settings(cls: type, settings: dict[str, Any], name: str) -> dict[str, A
     """The model settings a cell class takes (its ``__init__`` names them). One it does not take may only be left
     at its default (0 recurrent dropout, Keras' initialisers): asked for, it is an error that says which."""
     accepted = dict(inspect.signature(cls.__init__ if isinstance(cls, type) else cls).parameters)
+    if not isinstance(cls, type) and any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        return settings  # a factory f(units, **settings) passes them on to the Keras class it makes
     if isinstance(cls, type) and issubclass(cls, keras.layers.Layer):
         accepted["dtype"] = None  # every Keras layer takes its dtype policy
     unsupported = [key for key, value in settings.items() if key not in accepted and value]

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import cells, config, models, prepare, train
-from tests.conftest import REPO, model_cfg
+from pipeline import cells, config, generate, models, prepare, train
+from tests.conftest import REPO, compose_config, model_cfg
+from tests.test_compare import METAS
 
 SMALL_DATA = ("data.n_train=128", "data.n_val=32", "data.n_test=64")
 OWN = "user_cells:LeakyCell"
@@ -42,10 +43,16 @@ def test_a_cell_by_import_path_trains_a_classifier(own_cell, make_cfg, mlflow_st
     assert cells.display(own_cell) == "LeakyCell" and cells.display(f"bi{own_cell}") == "BiLeakyCell"
 
 
-def test_a_cell_by_import_path_trains_a_language_model(own_cell, tiny_ptb, mlflow_store):
+def test_a_cell_by_import_path_trains_a_language_model_that_generates(own_cell, tiny_ptb, tmp_path):
     result = train.run(tiny_ptb(f"model.cell={own_cell}", "model.init_scale=null", "trainer.generate_words=0"))
     ppl = result["metrics"]["val/perplexity"]
     assert math.isfinite(ppl) and ppl < 7  # a periodic stream of 7 words: learning beats uniform guessing
+    cells.unregister(own_cell)  # generating finds the cell again through the run that logged the model
+    cfg = compose_config(
+        [f"paths.root={tmp_path}", f"run_id={result['run_id']}", "strategy=greedy", "words=5"], config_name="generate"
+    )
+    text = generate.run(cfg)
+    assert text.startswith("the company said ") and len(text.split()) == 3 + 5
 
 
 def test_a_cell_by_import_path_stacks_and_reads_both_ways(own_cell):
@@ -144,3 +151,27 @@ def test_an_own_cell_sweeps_over_2_seeds_and_resumes_after_sigterm_to_the_same_m
     fresh = train.run(make_cfg(*SWEEP, f"model.cell={own_cell}", "seed=1", "tracking.enabled=false"))
     assert finished["1"].data.metrics["test/accuracy"] == pytest.approx(fresh["metrics"]["test/accuracy"], abs=1e-6)
     assert finished["1"].data.metrics["test/loss"] == pytest.approx(fresh["metrics"]["test/loss"], rel=1e-5)
+
+
+FACTORY = '''
+import keras
+
+
+def leaky_layer(units, recurrent_dropout=0.0, dtype=None, **layer_settings):
+    """A factory of a whole recurrent layer that runs the user's cell (its settings: return_sequences, name, ...)."""
+    from user_cells import LeakyCell
+
+    assert recurrent_dropout == 0.0, "LeakyCell has no recurrent dropout"
+    return keras.layers.RNN(LeakyCell(units, dtype=dtype), dtype=dtype, **layer_settings)
+'''
+
+
+@pytest.mark.parametrize("path", ["user_factories:leaky_layer", "keras.layers:GRU", OWN])
+def test_param_budget_sizes_a_cell_by_path_on_the_model_it_builds(own_cell, tmp_path, path):
+    (tmp_path / "user_code" / "user_factories.py").write_text(FACTORY)
+    meta = METAS["toy"]
+    cfg = model_cfg(cell=path, units=8, layers=2)
+    units, count = models.units_for_budget(cfg, meta, 5000)
+    assert count == models.count_params(cfg, meta, units)  # counted on the very model the path builds
+    assert abs(count - 5000) <= 0.05 * 5000, (units, count)
+    cells.unregister(path)
