@@ -87,16 +87,25 @@ def render(name: str, folder: Path, root: Path) -> None:
         raise StudyError(f"study {name!r}: its report failed (see the log above)")
 
 
+def cells_in(table: pd.DataFrame) -> set[str]:
+    """The cells a comparison table compares (its labels start with the cell's name)."""
+    return set(table["label"].str.split(" ").str[0])
+
+
 def dataset_tables(folder: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Objective]]:
-    """Each dataset's aggregated comparison (``<study>/comparisons/<dataset>.csv``) and its objective; where two
-    studies ran a dataset, the one that compared more configurations."""
-    tables, objectives = {}, {}
+    """Each dataset's aggregated comparison (``<study>/comparisons/<dataset>.csv``) and its objective. Where two
+    studies ran a dataset, the one that compares more of the cells every dataset has (so that a study of other cells,
+    such as the LSTM's variants, leaves the ranking over all datasets whole), then the one with more configurations."""
+    found: dict[str, list[pd.DataFrame]] = {}
     for path in sorted(folder.glob("*/comparisons/*.csv")):
-        table = pd.read_csv(path)
-        if path.stem.startswith("tuning_") or len(tables.get(path.stem, ())) >= len(table):
-            continue
-        source = path.stem if path.stem in registry.sources() else path.stem.split("_")[0]
-        tables[path.stem], objectives[path.stem] = table, for_kind(registry.kind_of(source))
+        if not path.stem.startswith("tuning_"):
+            found.setdefault(path.stem, []).append(pd.read_csv(path))
+    shared = set.intersection(*(set().union(*map(cells_in, t)) for t in found.values())) if found else set()
+    tables = {name: max(t, key=lambda table: (len(cells_in(table) & shared), len(table))) for name, t in found.items()}
+    objectives = {}
+    for name in tables:
+        source = name if name in registry.sources() else name.split("_")[0]
+        objectives[name] = for_kind(registry.kind_of(source))
     return tables, objectives
 
 

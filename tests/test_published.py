@@ -204,3 +204,21 @@ def test_a_study_trains_into_its_own_store_and_renders_its_report_apart_from_the
     assert "[tiny](tiny/README.md)" in index.read_text() and "three tiny seeds" in index.read_text()
     assert (tmp_path / "published/tiny/mlflow.db").exists()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()  # the user's: untouched
+
+
+def comparison(folder: Path, study: str, dataset: str, cells: list[str]) -> None:
+    (folder / study / "comparisons").mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame({"label": [f"{c} units=8" for c in cells], "test_mean": range(len(cells))})
+    table.to_csv(folder / study / "comparisons" / f"{dataset}.csv", index=False)
+
+
+def test_a_study_of_other_cells_on_a_dataset_leaves_the_ranking_over_every_dataset_whole(tmp_path):
+    classic = ["SimpleRNN", "LSTM", "GRU"]
+    for dataset in ("toy", "mnist", "ptb"):
+        comparison(tmp_path, "cells", dataset, classic)
+    comparison(tmp_path, "variants", "mnist", ["LSTM", "Peephole", "CIFG", "NFG", "NOAF", "GRU", "MGU"])
+    tables, objectives = results.dataset_tables(tmp_path)
+    assert results.cells_in(tables["mnist"]) == set(classic)  # not the variants' 7 rows: they lack SimpleRNN
+    assert set(compare.cell_ranks(tables, objectives)["average"].index) == set(classic)
+    comparison(tmp_path, "more", "mnist", [*classic, "MGU"])  # the shared cells and more rows: this one
+    assert len(results.dataset_tables(tmp_path)[0]["mnist"]) == 4
