@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
+from pipeline import data
 from pipeline.data import Dataset
 from pipeline.data.registry import DatasetSpec
 from pipeline.schema import COUNT, SEED, Bound, DataConfig
 
-SPLITS = ("train", "val", "test")
 BASELINE_MSE = 1 / 6  # always predicting 1: Var(U1 + U2) for two independent U(0, 1)
 
 
@@ -39,11 +39,7 @@ def generate(n: int, length: int, rng: np.random.Generator) -> dict[str, np.ndar
 
 def build(cfg: Any, raw: Path | None = None) -> Dataset:
     """All splits from ``cfg`` (conf/data/adding.yaml), each from its own seeded stream. No raw files."""
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    splits = {
-        name: generate(sizes[name], cfg.length, np.random.default_rng([cfg.seed, index]))
-        for index, name in enumerate(SPLITS)
-    }
+    splits = data.generated_splits(cfg, lambda n, rng: generate(n, cfg.length, rng))
     meta = {
         "name": cfg.name,
         "kind": "regression",

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
+from pipeline import data
 from pipeline.data import Dataset
 from pipeline.data.registry import DatasetSpec
 from pipeline.schema import COUNT, SEED, Bound, DataConfig
 
-SPLITS = ("train", "val", "test")
 BLANK, DELIMITER, SYMBOLS, RECALL = 0, 9, 8, 10  # ids; data symbols are 1..8; 10 of them to recall
 CLASS_NAMES = ("blank", *(f"a{i}" for i in range(1, SYMBOLS + 1)), "delimiter")
 
@@ -44,11 +44,7 @@ def generate(n: int, delay: int, rng: np.random.Generator) -> dict[str, np.ndarr
 
 def build(cfg: Any, raw: Path | None = None) -> Dataset:
     """All splits from ``cfg`` (conf/data/copy_memory.yaml), each from its own seeded stream. No raw files."""
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    splits = {
-        name: generate(sizes[name], cfg.delay, np.random.default_rng([cfg.seed, index]))
-        for index, name in enumerate(SPLITS)
-    }
+    splits = data.generated_splits(cfg, lambda n, rng: generate(n, cfg.delay, rng))
     meta = {
         "name": cfg.name,
         "kind": "tagging",
