@@ -79,7 +79,7 @@ def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> p
     table["best_val"] = table["run_id"].map(objective.best_val(curves))
     table["s_per_epoch"] = table["run_id"].map(seconds)
     for col in runs.columns:
-        if col.startswith(("params.", "tags.anchor.", "tags.preset", "tags.sweep")):
+        if col.startswith(("params.", "tags.anchor.", "tags.baseline.", "tags.preset", "tags.sweep")):
             table[col] = runs[col].values
     table = table.sort_values("end_time", kind="stable")  # a repeated seed counts once: its newest run
     return table.drop_duplicates(["config_id", "seed"], keep="last").reset_index(drop=True)

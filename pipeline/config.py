@@ -25,7 +25,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import cells, sampling
+from pipeline import cells, objective, sampling
 from pipeline.data import registry
 from pipeline.schema import (  # re-exported: config.ConfigError, config.Bound, ... are what other modules name
     COUNT,
@@ -434,7 +434,7 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     **{key: bound for key, bound in BOUNDS.items() if key.startswith("tracking.")},
 }
 STRATEGIES = sampling.STRATEGIES
-ANCHOR_METRICS = ("test/accuracy", "test/perplexity", "val/accuracy", "val/perplexity")
+ANCHOR_METRICS = tuple(f"{split}/{o.metric}" for split in ("test", "val") for o in objective.BY_KIND.values())
 # Keys with a fixed set of values: (what a value is called, the choices).
 CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "optimizer.name": ("optimizer", OPTIMIZERS),

@@ -151,6 +151,24 @@ def cell_settings(cls: type, settings: dict[str, Any], name: str) -> dict[str, A
     return {key: value for key, value in settings.items() if key in accepted}
 
 
+@keras.saving.register_keras_serializable("rnnlab")
+class OneHot(keras.layers.Layer):
+    """Symbol ids (batch, steps) -> one-hot vectors (batch, steps, ``depth``): no weights, nothing to learn."""
+
+    def __init__(self, depth: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.depth = depth
+
+    def call(self, ids):
+        return keras.ops.one_hot(ids, self.depth, dtype=self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.depth)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "depth": self.depth}
+
+
 def input_block(
     cfg: Any, meta: dict[str, Any], dtype: str | None = None
 ) -> tuple[keras.KerasTensor, keras.KerasTensor]:
@@ -168,6 +186,9 @@ def input_block(
         )
         x = embedding(inputs)
         return inputs, x
+    if meta["input"] == "one_hot":  # symbol ids read as one-hot vectors, as the memory tasks' papers feed them
+        inputs = keras.Input(shape=(None,), dtype="int32", name="symbols")
+        return inputs, OneHot(meta["vocab_size"], dtype=dtype, name="one_hot")(inputs)
     inputs = keras.Input(shape=(None, meta["features"]), dtype="float32", name="steps")
     if meta.get("pad_value") is None:
         return inputs, inputs
@@ -176,25 +197,36 @@ def input_block(
 
 
 def build_classifier(cfg: Any, meta: dict[str, Any], precision: str = "float32") -> keras.Model:
-    """Inputs -> ``layers`` stacked recurrent layers (each followed by dropout) -> softmax over the classes.
+    """Inputs -> ``layers`` stacked recurrent layers (each followed by dropout) -> the task's head.
 
-    The last recurrent layer returns its final *unpadded* state, so extra padding changes nothing.
+    The head follows the dataset's kind: a softmax over the classes (``classification``), one linear output
+    (``regression``), or a softmax over the classes at every step (``tagging``: the last layer returns its whole
+    sequence). Otherwise the last recurrent layer returns its final *unpadded* state, so extra padding changes
+    nothing.
     """
     body, head = layer_dtypes(precision)
     inputs, x = input_block(cfg, meta, body)
+    per_step = meta["kind"] == "tagging"
     for i in range(cfg.layers):
+        last = i == cfg.layers - 1
         x = recurrent_layer(
-            cfg, return_sequences=i < cfg.layers - 1, name=f"{cells.prefix(cfg.cell)}_{i + 1}", dtype=body
+            cfg, return_sequences=per_step or not last, name=f"{cells.prefix(cfg.cell)}_{i + 1}", dtype=body
         )(x)
         if cfg.dropout:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}", dtype=body)(x)
-    if head is None:
-        outputs = keras.layers.Dense(meta["num_classes"], activation="softmax", name="classes")(x)
-    else:  # reduced precision: logits in it, the softmax in float32
-        x = keras.layers.Dense(meta["num_classes"], name="class_logits", dtype=head)(x)
-        outputs = keras.layers.Activation("softmax", dtype="float32", name="classes")(x)
+    outputs = output_head(x, meta, head)
     name = f"{'bi' if cfg.bidirectional else ''}{cells.prefix(cfg.cell)}_{meta['name']}"
     return keras.Model(inputs, outputs, name=name)
+
+
+def output_head(x: keras.KerasTensor, meta: dict[str, Any], head: str | None) -> keras.KerasTensor:
+    """A regression's one linear output, or class probabilities (per sequence or per step), in float32."""
+    if meta["kind"] == "regression":
+        return keras.layers.Dense(1, dtype="float32", name="value")(x)  # one weight vector: float32 always
+    if head is None:
+        return keras.layers.Dense(meta["num_classes"], activation="softmax", name="classes")(x)
+    x = keras.layers.Dense(meta["num_classes"], name="class_logits", dtype=head)(x)  # reduced precision: logits
+    return keras.layers.Activation("softmax", dtype="float32", name="classes")(x)  # ... the softmax in float32
 
 
 def build_language_model(
@@ -278,7 +310,7 @@ def build_model(
     cfg: Any, meta: dict[str, Any], batch_size: int | None = None, precision: str = "float32"
 ) -> keras.Model:
     """The model for a prepared dataset's task (``batch_size`` makes a language model stateful)."""
-    if meta["kind"] == "classification":
+    if meta["kind"] in ("classification", "regression", "tagging"):
         return build_classifier(cfg, meta, precision)
     if meta["kind"] == "language_model":
         return build_language_model(cfg, meta, batch_size, precision)

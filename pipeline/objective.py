@@ -1,7 +1,8 @@
 """Which metric judges a run, whether higher is better, and how to read a run's best epoch: decided here only.
 
-A task's kind picks its objective (a language model is judged on perplexity, a classifier on accuracy); the
-comparison tables, the report, a sweep's result, the Optuna sweeper's direction and its pruner all ask this module.
+A task's kind picks its objective (a language model is judged on perplexity, a classifier on accuracy, a regression
+on mean squared error, a per-step tagger on cross-entropy); the comparison tables, the report, a sweep's result, the
+Optuna sweeper's direction and its pruner all ask this module.
 "Best epoch" is the best validation value over a run's epochs: the model early stopping would keep, and the only
 fair way to choose between runs (choosing on test would select on the test set).
 """
@@ -55,7 +56,11 @@ class Objective:
 
 ACCURACY = Objective("accuracy", higher=True)
 PERPLEXITY = Objective("perplexity", higher=False)
-BY_KIND = {"language_model": PERPLEXITY, "classification": ACCURACY}  # a dataset's kind -> how it is judged
+MSE = Objective("mse", higher=False)  # mean squared error: a regression (the adding problem)
+CROSS_ENTROPY = Objective("cross_entropy", higher=False)  # mean per-step cross-entropy: the copy task's measure
+# A dataset's kind -> how it is judged. The order matters to ``of_metrics``: a tagger also logs accuracy, and its
+# objective is its cross-entropy, so it comes before the classifier.
+BY_KIND = {"language_model": PERPLEXITY, "regression": MSE, "tagging": CROSS_ENTROPY, "classification": ACCURACY}
 
 
 def for_kind(kind: str) -> Objective:

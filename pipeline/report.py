@@ -17,7 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from pipeline import compare, config, data, figures, tracking
-from pipeline.objective import Objective, of_curves, of_runs
+from pipeline.objective import BY_KIND, Objective, of_curves, of_runs
 from pipeline.redaction import redact
 
 matplotlib.use("Agg")  # files only, no display
@@ -43,7 +43,7 @@ COLUMNS = {
     "sweep": "tags.sweep",
     "run_id": "run_id",
 }
-CURVE_KEYS = ["val/loss", "val/accuracy", "val/perplexity", "perf/epoch_seconds"]
+CURVE_KEYS = ["val/loss", *dict.fromkeys(o.val for o in BY_KIND.values()), "perf/epoch_seconds"]  # each kind's
 
 
 def leaderboard(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
@@ -197,6 +197,19 @@ def write_dataset(name: str, runs: pd.DataFrame, curves: pd.DataFrame, out: Path
     return DatasetReport(name, objective, board, per_run, table, files)
 
 
+def baseline(runs: pd.DataFrame) -> list[str]:
+    """The score of a model without memory, where the dataset states one (the adding and copy tasks): a result near
+    it means the cell learnt nothing across the delay."""
+    if "tags.baseline.value" not in runs:
+        return []
+    stated = runs.dropna(subset=["tags.baseline.value"])
+    if stated.empty:
+        return []
+    row = stated.iloc[-1]
+    metric, value = row["tags.baseline.metric"], float(row["tags.baseline.value"])
+    return ["", f"Baseline without memory ({row['tags.baseline.what']}): test {metric} {value:.4g}."]
+
+
 def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Path]]:
     """README.md's body: headlines, published numbers, the cross-dataset ranking, then each dataset's aggregated
     table, figures and runs. Returns the lines and the figures written for it."""
@@ -217,6 +230,7 @@ def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Pat
         lines += [
             f"\n## {r.name}\n",
             compare.headline(r.name, r.table, r.objective),
+            *baseline(r.runs),
             "",
             "### Configurations (aggregated over seeds)",
             "",

@@ -287,6 +287,35 @@ class Classification(Task):
         return self.cap(s["x"], s["y"], self.cfg.trainer.max_eval_batches)
 
 
+class Regression(Classification):
+    """One real value per sequence (the adding problem), judged by mean squared error."""
+
+    def build(self) -> keras.Model:
+        model = models.build_classifier(self.cfg.model, self.dataset.meta, self.precision)
+        return self.compile(model, "mean_squared_error", [])
+
+    def metrics(self, prefix: str, logs: dict[str, float]) -> dict[str, float]:
+        loss = float(logs["loss"])
+        return {f"{prefix}/loss": loss, f"{prefix}/mse": loss}
+
+    def chance_loss(self) -> float:
+        """An untrained model's output is near 0: its loss is the mean square of the targets."""
+        return float(np.mean(np.square(self.dataset.splits["train"]["y"])))
+
+
+class Tagging(Classification):
+    """One label per step (the copy task): cross-entropy and accuracy averaged over every step."""
+
+    def build(self) -> keras.Model:
+        model = models.build_classifier(self.cfg.model, self.dataset.meta, self.precision)
+        return self.compile(model, "sparse_categorical_crossentropy", ["accuracy"])
+
+    def metrics(self, prefix: str, logs: dict[str, float]) -> dict[str, float]:
+        out = super().metrics(prefix, logs)
+        out[f"{prefix}/cross_entropy"] = out[f"{prefix}/loss"]
+        return out
+
+
 class LanguageModel(Task):
     """Next-word prediction with truncated back-propagation through time: the state is carried from one window
     to the next within an epoch and reset between epochs and before every evaluation."""
@@ -362,8 +391,14 @@ class LanguageModel(Task):
 
 def make(cfg: DictConfig, dataset: Dataset) -> Task:
     kind = dataset.meta["kind"]
-    if kind == "classification":
-        return Classification(cfg, dataset)
-    if kind == "language_model":
-        return LanguageModel(cfg, dataset)
-    raise ValueError(f"no task for data kind {kind!r}")
+    if kind not in TASKS:
+        raise ValueError(f"no task for data kind {kind!r}")
+    return TASKS[kind](cfg, dataset)
+
+
+TASKS = {  # a dataset's kind -> how it trains
+    "classification": Classification,
+    "regression": Regression,
+    "tagging": Tagging,
+    "language_model": LanguageModel,
+}

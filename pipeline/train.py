@@ -234,6 +234,9 @@ def run_tags(cfg: DictConfig, task: tasks.Task, start: Start, trial: sweep.Trial
     params = task.model.count_params()
     tags = tracking.run_tags(cfg, start.fingerprint, start.job_id, task.dataset.digest, params, task.precision)
     tags["kernels"] = task.kernels_tag  # fused or Keras' loops (trainer.kernels as resolved here)
+    baseline = task.dataset.meta.get("baseline")  # what a model without memory scores (the report shows it)
+    if baseline:
+        tags.update({f"baseline.{key}": value for key, value in baseline.items()})
     if trial:
         tags.update(study=cfg.search.study, trial=trial.number)
     return tags

@@ -46,7 +46,9 @@ def repo_copy(tmp_path: Path) -> Path:
     (dest / "dvc.lock").unlink(missing_ok=True)
     dvc_yaml = dest / "dvc.yaml"
     text, smoked = re.subn(
-        r"(python -m pipeline\.train experiment=\w+ export=true)\n", r"\1 budget=smoke\n", dvc_yaml.read_text()
+        r"(python -m pipeline\.train experiment=\w+(?: [\w.=]+)*? export=true)\n",
+        r"\1 budget=smoke\n",
+        dvc_yaml.read_text(),
     )
     assert smoked == len(registry.sources()), "every train stage gets the smoke budget"
     dvc_yaml.write_text(text)

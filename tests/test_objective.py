@@ -12,8 +12,8 @@ def test_a_task_kind_picks_its_metric_and_direction():
     lm, clf = objective.for_kind("language_model"), objective.for_kind("classification")
     assert (lm.val, lm.test, lm.direction) == ("val/perplexity", "test/perplexity", "minimize")
     assert (clf.val, clf.test, clf.direction) == ("val/accuracy", "test/accuracy", "maximize")
-    with pytest.raises(ValueError, match="no objective for task kind 'regression'; known kinds: language_model"):
-        objective.for_kind("regression")
+    with pytest.raises(ValueError, match="no objective for task kind 'ranking'; known kinds: language_model"):
+        objective.for_kind("ranking")
 
 
 def test_the_best_epoch_skips_diverged_epochs():

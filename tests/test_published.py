@@ -32,7 +32,7 @@ def test_every_published_figure_names_a_public_source(path):
 
 def test_the_presets_with_published_figures_are_the_ones_with_a_source():
     anchored = {p.stem for p in PRESETS if (OmegaConf.load(p).get("anchor") or {}).get("value") is not None}
-    assert anchored == {"ptb_small", "ptb_medium", "ptb_large", "imdb_long_lstm"}
+    assert anchored == {"ptb_small", "ptb_medium", "ptb_large", "imdb_long_lstm", "smnist_lstm", "pmnist_lstm"}
 
 
 @pytest.mark.parametrize(

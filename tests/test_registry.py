@@ -101,7 +101,7 @@ def test_a_spec_that_cannot_work_is_refused(toy_copy):
         registry.register(toy_copy)
     for change, problem in (
         ({"source": "toy-2"}, "letters, digits and '_' only"),
-        ({"kind": "regression"}, "choose one of classification, language_model"),
+        ({"kind": "ranking"}, "choose one of classification, regression, tagging, language_model"),
         ({"schema": dict}, "a dataclass derived from pipeline.schema.DataConfig"),
         ({"bounds": {"n_trian": N_TRAIN_BOUND}}, "keys that ToyCopyConfig lacks: n_trian"),
     ):

@@ -25,6 +25,7 @@ SMALL = ("data.n_train=64", "data.n_val=32", "data.n_test=32", "model.units=8", 
 # --- The sweep presets, composed as `python -m pipeline.train sweep=<name>` composes them -----------------------------
 CELLS = {"model": "rnn,lstm,gru,bilstm", "seed": "1,2,3"}  # every cell sweep repeats over seeds by default
 VARIANTS = {"model": "lstm,peephole,cifg,nfg,noaf,gru,mgu", "seed": "1,2,3,4,5"}
+MEMORY = {"model": "rnn,lstm,gru", "seed": "1,2,3,4,5"}  # the memory tasks' comparisons
 SWEEPS = {  # name -> (dataset, epochs, sweeper, its params)
     "cells_toy": ("toy", 30, "BasicSweeper", CELLS),
     "cells_imdb": ("imdb", 3, "BasicSweeper", CELLS),
@@ -33,6 +34,8 @@ SWEEPS = {  # name -> (dataset, epochs, sweeper, its params)
     "cells_imdb_matched": ("imdb", 3, "BasicSweeper", CELLS),
     "cells_mnist_matched": ("mnist", 5, "BasicSweeper", CELLS),
     "cells_ptb_matched": ("ptb", 3, "BasicSweeper", {**CELLS, "model": "rnn,lstm,gru"}),
+    "cells_adding": ("adding", 10, "BasicSweeper", MEMORY),
+    "cells_copy": ("copy_memory", 10, "BasicSweeper", MEMORY),
     "lstm_variants_mnist": ("mnist", 5, "BasicSweeper", VARIANTS),
     "lstm_variants_imdb": ("imdb", 3, "BasicSweeper", VARIANTS),
     "precision_ptb": ("ptb", 3, "BasicSweeper", {"trainer.precision": "bfloat16_grad,float32", "seed": "1,2,3,4,5"}),

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,13 @@ def split_off(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.
     )
     rest = np.setdiff1d(np.arange(n), held)
     return rest, np.sort(held)
+
+
+def generated_splits(cfg: Any, make: Callable[[int, np.random.Generator], dict[str, np.ndarray]]) -> dict[str, Any]:
+    """A generated dataset's train, val and test splits (``cfg.n_train`` ... examples), each drawn by ``make(n,
+    rng)`` from its own stream of ``cfg.seed``: a split never changes when another's size does."""
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    return {name: make(n, np.random.default_rng([cfg.seed, index])) for index, (name, n) in enumerate(sizes.items())}
 
 
 def prepared_dir(data_root: str | Path, name: str) -> Path:

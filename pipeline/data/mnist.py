@@ -1,4 +1,5 @@
-"""MNIST read row by row: each 28x28 image becomes a 28-step sequence of 28-pixel rows.
+"""MNIST read row by row: each 28x28 image becomes a 28-step sequence of 28-pixel rows; or pixel by pixel, 784
+steps of one pixel, in reading order (sequential MNIST) or in a fixed random order (permuted MNIST).
 
 Fetched as the four original IDX ``.gz`` files and verified by sha256; the IDX headers (magic number, dimensions)
 are checked before any pixel is trusted.
@@ -18,7 +19,7 @@ from omegaconf import MISSING
 from pipeline.data import Dataset, split_off
 from pipeline.data.fetch import Source, fetch, mirror_source, require_sha256
 from pipeline.data.registry import DatasetSpec
-from pipeline.schema import SEED, Bound, DataConfig
+from pipeline.schema import SEED, Bound, DataConfig, require
 
 # Canonical host first, then the copy torchvision uses (the canonical host often refuses scripted downloads).
 URL_BASES = ("https://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
@@ -28,6 +29,7 @@ FILES = {
     "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
     "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
+ROWS = 28  # an image is ROWS x ROWS pixels
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # 0x00000803: unsigned bytes, 3 dims; 0x00000801: 1 dim
 
 
@@ -92,12 +94,20 @@ def build(cfg: Any, raw: Path) -> Dataset:
         "val": arrays(train_x[held], train_y[held]),
         "test": arrays(test_x, test_y),
     }
+    order = pixel_order(cfg)
+    if order is not None:  # one pixel a step, in the fixed (possibly permuted) order
+        for s in splits.values():
+            s["x"] = s["x"].reshape(len(s["x"]), -1)[:, order, None]
+    steps, features = splits["train"]["x"].shape[1:]
     meta = {
         "name": cfg.name,
         "kind": "classification",
-        "input": "dense",  # each step is one row of 28 pixels
-        "steps": int(train_x.shape[1]),
-        "features": int(train_x.shape[2]),
+        "input": "dense",  # each step is one row of 28 pixels, or one pixel
+        "steps": int(steps),
+        "features": int(features),
+        "order": cfg.order,
+        # The permutation itself, so the data version names it (None: rows, or pixels in reading order).
+        "permutation": None if cfg.permutation_seed is None else order.tolist(),
         "pad_value": None,  # every sequence has all 28 steps: nothing to mask
         "num_classes": 10,
         "class_names": [str(d) for d in range(10)],
@@ -113,17 +123,47 @@ def build(cfg: Any, raw: Path) -> Dataset:
     return Dataset(splits=splits, meta=meta, stats=stats)
 
 
+def pixel_order(cfg: Any) -> np.ndarray | None:
+    """The order in which the pixels are read, one a step; None for rows (28 steps of 28 pixels).
+
+    ``order: pixels`` reads the 784 pixels row by row (sequential MNIST); with ``permutation_seed`` they come in a
+    fixed random order, the same for every image (permuted MNIST, Le et al. 2015)."""
+    if cfg.order == "rows":
+        return None
+    pixels = np.arange(ROWS * ROWS)
+    if cfg.permutation_seed is None:
+        return pixels
+    return np.random.default_rng(cfg.permutation_seed).permutation(pixels)
+
+
 @dataclass
 class MNISTDataConfig(DataConfig):
     val_size: int = MISSING
     seed: int = MISSING
+    order: str = MISSING
+    permutation_seed: int | None = MISSING
+
+
+def check(cfg: Any) -> None:
+    """A permutation reorders pixels: with rows it would have nothing to permute."""
+    require(
+        cfg.permutation_seed is None or cfg.order == "pixels",
+        "data.permutation_seed",
+        f"permutes the pixels of order=pixels; with order={cfg.order} set it to null",
+    )
 
 
 SPEC = DatasetSpec(
     source="mnist",
     kind="classification",
     schema=MNISTDataConfig,
-    bounds={"val_size": Bound(1, 59_999, note=" (out of 60,000 training images)"), "seed": SEED},
+    bounds={
+        "val_size": Bound(1, 59_999, note=" (out of 60,000 training images)"),
+        "seed": SEED,
+        "permutation_seed": Bound(0, SEED.high, nullable=True, note=" (null: pixels in reading order)"),
+    },
+    choices={"order": ("pixel order", ("rows", "pixels"))},
+    check=check,
     download=download,
     verify=verify,
     build=build,

@@ -27,7 +27,7 @@ from pipeline.schema import Bound, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("classification", "language_model")  # the task heads pipeline.tasks builds
+KINDS = ("classification", "regression", "tagging", "language_model")  # the task heads pipeline.tasks builds
 
 
 class SpecError(ValueError):
@@ -140,7 +140,7 @@ def get(source: Any) -> DatasetSpec:
 
 
 def kind_of(source: str) -> str:
-    """``classification`` or ``language_model``: which head, metric and objective the dataset's runs have."""
+    """One of ``KINDS``: which head, metric and objective the dataset's runs have."""
     return get(source).kind
 
 

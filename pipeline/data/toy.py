@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
+from pipeline import data
 from pipeline.data import Dataset
 from pipeline.data.registry import DatasetSpec
 from pipeline.schema import COUNT, SEED, Bound, DataConfig, require
 
 CLASS_NAMES = ("random", "linear")  # label 0, label 1
-SPLITS = ("train", "val", "test")
 
 
 def generate(
@@ -45,18 +45,9 @@ def generate(
 
 def build(cfg: Any, raw: Path | None = None) -> Dataset:
     """Generate all splits from ``cfg`` (conf/data/toy.yaml); each split has its own seeded stream. No raw files."""
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    splits = {
-        name: generate(
-            sizes[name],
-            cfg.min_len,
-            cfg.max_len,
-            cfg.max_value,
-            cfg.pad_value,
-            np.random.default_rng([cfg.seed, index]),
-        )
-        for index, name in enumerate(SPLITS)
-    }
+    splits = data.generated_splits(
+        cfg, lambda n, rng: generate(n, cfg.min_len, cfg.max_len, cfg.max_value, cfg.pad_value, rng)
+    )
     meta = {
         "name": cfg.name,
         "kind": "classification",
