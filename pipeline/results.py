@@ -94,13 +94,16 @@ def cells_in(table: pd.DataFrame) -> set[str]:
 
 def dataset_tables(folder: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Objective]]:
     """Each dataset's aggregated comparison (``<study>/comparisons/<dataset>.csv``) and its objective. Where two
-    studies ran a dataset, the one that compares more of the cells every dataset has (so that a study of other cells,
-    such as the LSTM's variants, leaves the ranking over all datasets whole), then the one with more configurations."""
+    studies ran a dataset, the one that compares more of the cells every compared dataset has (so that a study of
+    other cells, such as the LSTM's variants, leaves the ranking over all datasets whole), then the one with more
+    configurations. A dataset with one cell only (a preset over seeds) is not compared, so it does not count."""
     found: dict[str, list[pd.DataFrame]] = {}
     for path in sorted(folder.glob("*/comparisons/*.csv")):
         if not path.stem.startswith("tuning_"):
             found.setdefault(path.stem, []).append(pd.read_csv(path))
-    shared = set.intersection(*(set().union(*map(cells_in, t)) for t in found.values())) if found else set()
+    ranked = [set().union(*map(cells_in, t)) for t in found.values()]
+    ranked = [cells for cells in ranked if len(cells) > 1]  # a one-cell dataset (a preset's seeds) ranks nothing
+    shared = set.intersection(*ranked) if ranked else set()
     tables = {name: max(t, key=lambda table: (len(cells_in(table) & shared), len(table))) for name, t in found.items()}
     objectives = {}
     for name in tables:

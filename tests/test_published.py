@@ -217,6 +217,8 @@ def test_a_study_of_other_cells_on_a_dataset_leaves_the_ranking_over_every_datas
     for dataset in ("toy", "mnist", "ptb"):
         comparison(tmp_path, "cells", dataset, classic)
     comparison(tmp_path, "variants", "mnist", ["LSTM", "Peephole", "CIFG", "NFG", "NOAF", "GRU", "MGU"])
+    comparison(tmp_path, "presets", "imdb_long", ["LSTM"])  # one cell over seeds: it compares nothing
+    comparison(tmp_path, "presets", "mnist", ["BiLSTM"])
     tables, objectives = results.dataset_tables(tmp_path)
     assert results.cells_in(tables["mnist"]) == set(classic)  # not the variants' 7 rows: they lack SimpleRNN
     assert set(compare.cell_ranks(tables, objectives)["average"].index) == set(classic)
