@@ -273,9 +273,11 @@ class Task:
 class Classification(Task):
     """One label per sequence; padded steps are masked by the model."""
 
+    loss, compiled_metrics = "sparse_categorical_crossentropy", ("accuracy",)  # what Keras computes each step
+
     def build(self) -> keras.Model:
         model = models.build_classifier(self.cfg.model, self.dataset.meta, self.precision)
-        return self.compile(model, "sparse_categorical_crossentropy", ["accuracy"])
+        return self.compile(model, self.loss, list(self.compiled_metrics))
 
     def train_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         split = self.dataset.splits["train"]
@@ -290,9 +292,7 @@ class Classification(Task):
 class Regression(Classification):
     """One real value per sequence (the adding problem), judged by mean squared error."""
 
-    def build(self) -> keras.Model:
-        model = models.build_classifier(self.cfg.model, self.dataset.meta, self.precision)
-        return self.compile(model, "mean_squared_error", [])
+    loss, compiled_metrics = "mean_squared_error", ()
 
     def metrics(self, prefix: str, logs: dict[str, float]) -> dict[str, float]:
         loss = float(logs["loss"])
@@ -304,11 +304,8 @@ class Regression(Classification):
 
 
 class Tagging(Classification):
-    """One label per step (the copy task): cross-entropy and accuracy averaged over every step."""
-
-    def build(self) -> keras.Model:
-        model = models.build_classifier(self.cfg.model, self.dataset.meta, self.precision)
-        return self.compile(model, "sparse_categorical_crossentropy", ["accuracy"])
+    """One label per step (the copy task): cross-entropy and accuracy averaged over every step (the model's head
+    is per step; the loss is the classifier's)."""
 
     def metrics(self, prefix: str, logs: dict[str, float]) -> dict[str, float]:
         out = super().metrics(prefix, logs)
