@@ -206,7 +206,7 @@ def headline(name: str, table: pd.DataFrame, objective: Objective) -> str:
     seeds = sorted(set(table["n"]))
     each = f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''} each" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
     lead = f"{name}, {each} (test {objective.metric}, mean ± std)"
-    digits = 3 if objective.higher else 1
+    digits = objective.headline_digits
     if len(table) == 1:
         return f"{lead}: {describe(table.iloc[0], digits)}; nothing to compare it with."
     if table["n"].iloc[0] < MIN_SEEDS:

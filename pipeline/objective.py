@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -22,6 +22,8 @@ class Objective:
 
     metric: str
     higher: bool
+    digits: int = field(default=2, compare=False)  # decimals in the report's tables: enough to tell seeds apart
+    headline_digits: int = field(default=1, compare=False)  # decimals in the one-sentence headline
 
     @property
     def test(self) -> str:
@@ -54,10 +56,12 @@ class Objective:
         return val.max() if self.higher else val.min()
 
 
-ACCURACY = Objective("accuracy", higher=True)
+ACCURACY = Objective("accuracy", higher=True, digits=4, headline_digits=3)
 PERPLEXITY = Objective("perplexity", higher=False)
-MSE = Objective("mse", higher=False)  # mean squared error: a regression (the adding problem)
-CROSS_ENTROPY = Objective("cross_entropy", higher=False)  # mean per-step cross-entropy: the copy task's measure
+# Mean squared error: a regression (the adding problem), whose solved runs score 0.0003 against a baseline of 0.167
+MSE = Objective("mse", higher=False, digits=4, headline_digits=4)
+# Mean per-step cross-entropy: the copy task's measure, a few hundredths around its baseline of 0.173
+CROSS_ENTROPY = Objective("cross_entropy", higher=False, digits=4, headline_digits=3)
 # A dataset's kind -> how it is judged. The order matters to ``of_metrics``: a tagger also logs accuracy, and its
 # objective is its cross-entropy, so it comes before the classifier.
 BY_KIND = {"language_model": PERPLEXITY, "regression": MSE, "tagging": CROSS_ENTROPY, "classification": ACCURACY}

@@ -149,7 +149,7 @@ class DatasetReport:
 
 def shown(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     """The aggregated table as a reader sees it: mean ± std and the 95% interval in one cell each."""
-    digits = 4 if objective.higher else 2
+    digits = objective.digits
 
     def pm(prefix: str) -> pd.Series:
         return table.apply(lambda r: f"{r[f'{prefix}_mean']:.{digits}f} ± {r[f'{prefix}_std']:.{digits}f}", axis=1)

@@ -9,11 +9,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import compare, models, report, sweep, tracking
+from pipeline import compare, models, objective, report, sweep, tracking
 from tests.conftest import CONF, compose_config
 
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # Student's t, 97.5% quantile, by degrees of freedom
-ACC = compare.Objective("accuracy", True)
+ACC = objective.ACCURACY
 
 
 def test_interval_of_known_values():
@@ -278,3 +278,20 @@ def test_seeds_expand_to_the_same_seeds_for_every_configuration():
 def test_bad_seeds_say_how_to_write_them(argv, message):
     with pytest.raises(sweep.SweepError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         sweep.expand_seeds(argv)
+
+
+def test_a_regression_headline_keeps_the_digits_that_tell_solved_runs_apart():
+    """Solved adding-problem runs score a few ten-thousandths: the headline must not round them all to 0.0."""
+    table = pd.DataFrame(
+        {
+            "label": ["GRU", "LSTM", "SimpleRNN"],
+            "test_mean": [0.00036, 0.00254, 0.16222],
+            "test_std": [0.00005, 0.00101, 0.00141],
+            "n": [5, 5, 5],
+            "verdict": ["best", "worse (p = 0.009)", "worse (p < 0.001)"],
+            "p": [math.nan, 0.009, 0.0001],
+        }
+    )
+    line = compare.headline("adding", table, objective.MSE)
+    assert "GRU 0.0004 ± 0.0001 is best" in line and "LSTM is worse by 0.0022 (p = 0.009)" in line
+    assert "SimpleRNN is worse by 0.1619" in line
