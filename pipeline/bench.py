@@ -5,19 +5,35 @@
 
 For each case (a preset) it times ``bench.steps`` training steps after a warm-up, alternating in one process (a) the
 pipeline's path (``Task.train_epoch`` plus the epoch's MLflow logging, with the preset's speed settings) and (b)
-``model.fit`` of the same model written as a plain Keras script, with Keras' defaults, and for a language model
-(d) the hand-tuned plain script ``pipeline/baselines/plain_tuned.py`` (unrolled stateful LSTMs, one compiled
-GradientTape step, clip, SGD, float32); the headline ratio is against the faster baseline. It also times (c) the
-pipeline's path with tracking off, and once a no-op ``dvc repro`` and each dataset's prepare stage. Each case's
-throughput is also given as a fraction of the machine's arithmetic limit for its model (``pipeline.speed.limit``:
-every matmul of a step at the rate this machine runs that shape and dtype).
+``model.fit`` of the same model written as a plain Keras script (``pipeline/baselines/plain_fit.py``), with Keras'
+defaults, and for a language model (d) the hand-tuned plain script ``pipeline/baselines/plain_tuned.py`` (unrolled
+stateful LSTMs, one compiled GradientTape step, clip, SGD, float32); the headline ratio is against the faster baseline.
+It also times (c) the pipeline's path with tracking off, and once a no-op ``dvc repro`` and each dataset's prepare
+stage. Each case's throughput is also given as a fraction of the machine's arithmetic limit for its model
+(``pipeline.speed.limit``: every matmul of a step at the rate this machine runs that shape and dtype), and against the
+limit at the machine's matmul rate (one large square float32 matmul, ``speed.machine_rate``, measured once per process):
+how far the model's own shapes keep it from the machine's best.
+
+Machine classes (``bench.isa``): ``native`` runs in this process; ``avx2`` runs the same cases, steps and rounds in a
+child ``pipeline.bench`` whose oneDNN and XLA dispatch stop at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``,
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2``; precision ``auto`` then resolves to float32, as on an AVX2-only CPU). The
+child writes into a temporary folder (``bench.results_to``) and its cases come back with ``isa: avx2``. On a CPU
+that is itself AVX2-only the two classes run the same kernels.
+
+Whole runs (``bench.whole_run_steps`` steps, ``bench.whole_run_repeats`` round-robin repeats): each program as its
+own process from spawn to exit, start-up, imports, compiling and evaluation included: ``pipeline.train`` on the
+case's overrides (one epoch of that many steps), ``pipeline.baselines.plain_fit`` on the same overrides, and for a
+language model ``pipeline.baselines.plain_tuned`` at the case's shapes; per program min / median / max seconds and
+units/s on the median (native class only).
 Results: ``reports/bench.json`` and ``reports/bench.md``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import platform
 import resource
 import statistics
@@ -34,47 +50,15 @@ import pandas as pd
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline import cells, config, data, models, speed, tasks, tracking
+from pipeline import config, data, models, speed, tasks, tracking
 from pipeline.baselines import plain_tuned
+from pipeline.baselines.plain_fit import plain_keras
 from pipeline.data import registry
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]  # the checkout: where the child processes start
 
 config.register()
-
-
-def plain_keras(task: tasks.Task) -> keras.Model:
-    """The same model as a plain Keras script would write it: Sequential, the same layers (masking, stateful
-    recurrent layers for the language model), optimizer, loss and metrics, and Keras' defaults for everything the
-    pipeline tunes (no unrolling, float32, one step per call)."""
-    m, meta, batch = task.cfg.model, task.dataset.meta, task.batch_size
-    lm = meta["kind"] == "language_model"
-    if meta["input"] == "tokens":
-        layers: list = [
-            keras.Input(batch_shape=(batch, None), dtype="int32") if lm else keras.Input((None,), dtype="int32")
-        ]
-        layers.append(keras.layers.Embedding(meta["vocab_size"], m.embedding_dim or m.units, mask_zero=not lm))
-    else:
-        layers = [keras.Input((None, meta["features"]))]
-        if meta.get("pad_value") is not None:
-            layers.append(keras.layers.Masking(meta["pad_value"]))
-    if lm and m.dropout:
-        layers.append(keras.layers.Dropout(m.dropout))
-    cell = cells.get(m.cell).keras_class()  # the Keras class itself, with none of the pipeline's settings
-    for i in range(m.layers):
-        rnn = cell(m.units, return_sequences=lm or i < m.layers - 1, stateful=lm, recurrent_dropout=m.recurrent_dropout)
-        layers.append(keras.layers.Bidirectional(rnn) if m.bidirectional else rnn)
-        if m.dropout:
-            layers.append(keras.layers.Dropout(m.dropout))
-    if lm:
-        layers.append(keras.layers.Dense(meta["vocab_size"]))
-        loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), []
-    else:
-        layers.append(keras.layers.Dense(meta["num_classes"], activation="softmax"))
-        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
-    model = keras.Sequential(layers)
-    model.compile(optimizer=models.build_optimizer(task.cfg.optimizer), loss=loss, metrics=metrics)
-    return model
 
 
 class StepTimes(keras.callbacks.Callback):
@@ -152,12 +136,15 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
             if tuned:
                 times["tuned"].append(timed(tuned))
     bound = speed.task_limit(task)  # the machine's matmul rates at this model's shapes
+    machine = speed.machine_rate()  # and its rate at one large square matmul (measured once per process)
+    at_machine = bound["units_per_step"] / (bound["gflop_per_step"] / machine)
     per_step = {k: [t / steps for t in v] for k, v in times.items() if v}
     rate = {k: units / statistics.median(v) for k, v in times.items() if v}
     steady = units / (steps * statistics.median(step_times.times))
     fastest = max(rate["keras"], rate.get("tuned", 0.0))
     return {
         "case": name,
+        "isa": "native",  # the class this process is (an emulated class's child is relabelled by its parent)
         "unit": task.unit,
         "steps": steps,
         "batch": batch,
@@ -169,6 +156,9 @@ def bench_case(name: str, cfg: DictConfig, rounds: int) -> dict[str, Any]:
         "ratio_over_fastest_baseline": round(rate["pipeline"] / fastest, 3),
         "limit_per_sec": round(bound["per_sec"]),
         "fraction_of_limit": round(rate["pipeline"] / bound["per_sec"], 3),
+        "machine_gflop_per_sec": round(machine, 1),
+        "limit_at_machine_rate_per_sec": round(at_machine),
+        "fraction_of_machine_limit": round(rate["pipeline"] / at_machine, 4),
         "keras_steady_per_sec": round(steady),
         "ratio_over_keras_steady": round(rate["pipeline"] / steady, 3),
         "pipeline_step_ms_median": round(1000 * statistics.median(per_step["pipeline"]), 2),
@@ -208,6 +198,118 @@ def prepare_seconds(cfg: DictConfig, store: Path) -> dict[str, float]:
     return out
 
 
+def emulated_env(isa: str) -> dict[str, str]:
+    """This process's environment with oneDNN's and XLA's dispatch capped at ``isa`` (AVX2): the kernels an
+    AVX2-only CPU runs, on this one. ``models.cpu_bf16_matmul`` reads the cap too, so precision ``auto`` picks
+    float32 as it would there."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper())
+    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), f"--xla_cpu_max_isa={isa.upper()}"]))
+    return env
+
+
+def run_checked(command: list[str], env: dict[str, str]) -> str:
+    """Run a command from the checkout; its stdout, or an error that carries the end of its stderr."""
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def emulated_cases(cfg: DictConfig, isa: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The same cases, steps and rounds in a child ``pipeline.bench`` whose environment emulates ``isa``; it writes
+    its results into a temporary folder (never reports/), and its cases come back labelled with the class."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable, "-m", "pipeline.bench",
+            f"bench.cases=[{','.join(cfg.bench.cases)}]",
+            f"bench.steps={cfg.bench.steps}",
+            f"bench.rounds={cfg.bench.rounds}",
+            "bench.isa=[native]",  # the child is "native" to its own capped environment
+            "bench.whole_run_steps=0",
+            "bench.pipeline_overheads=false",
+            f"bench.results_to={tmp}",
+            f"paths.root={cfg.paths.root}",
+            f"paths.data={cfg.paths.data}",
+            f"hydra.run.dir={tmp}/hydra",
+        ]  # fmt: skip
+        env = emulated_env(isa)
+        run_checked(command, env)
+        child = json.loads((Path(tmp) / "bench.json").read_text())
+    described = {"cpu_bf16": child["cpu_bf16"], "env": {k: env[k] for k in ("ONEDNN_MAX_CPU_ISA", "XLA_FLAGS")}}
+    return [{**case, "isa": isa} for case in child["cases"]], described
+
+
+def whole_run_commands(cfg: DictConfig, name: str, store: Path) -> dict[str, list[str]]:
+    """Each program of a case's whole-run timing as a command: the pipeline's training entry point and the plain
+    ``fit`` script from the same overrides (``speed.case_overrides``: the same preset and steps), and for a language
+    model the hand-tuned script at the case's shapes."""
+    steps = cfg.bench.whole_run_steps
+    overrides = [*speed.case_overrides(cfg, speed.CASES[name], steps, store), "trainer.epochs=1"]
+    commands = {
+        "pipeline": [sys.executable, "-m", "pipeline.train", *overrides, f"hydra.run.dir={store}/hydra"],
+        "plain_fit": [sys.executable, "-m", "pipeline.baselines.plain_fit", *overrides],
+    }
+    case_cfg = compose(config_name="config", overrides=overrides)
+    if case_cfg.data.kind == "language_model":
+        m, t = case_cfg.model, case_cfg.trainer
+        shapes = ["--units", m.units, "--layers", m.layers, "--batch", t.batch_size, "--window", t.bptt_steps]
+        prepared = Path(cfg.paths.data) / "prepared" / case_cfg.data.name
+        commands["plain_tuned"] = [
+            *[sys.executable, "-m", "pipeline.baselines.plain_tuned", str(prepared), "--steps", str(steps)],
+            *map(str, shapes),
+        ]
+    return commands
+
+
+def whole_run(cfg: DictConfig, name: str, store: Path) -> dict[str, Any]:
+    """Each program from spawn to exit (start-up, imports, compiling, evaluation), round-robin over the repeats, so
+    that a slow spell of the machine hits all of them; units/s on the median. The units are what plain ``fit``
+    reports it trained, the same arrays as the pipeline's."""
+    commands = whole_run_commands(cfg, name, store)
+    seconds: dict[str, list[float]] = {program: [] for program in commands}
+    units = 0
+    for _ in range(cfg.bench.whole_run_repeats):
+        for program, command in commands.items():
+            started = time.perf_counter()
+            out = run_checked(command, dict(os.environ))
+            seconds[program].append(time.perf_counter() - started)
+            if program == "plain_fit":
+                units = json.loads(out.strip().splitlines()[-1])["units"]
+    programs = {
+        program: {
+            "seconds_min": round(min(s), 2),
+            "seconds_median": round(statistics.median(s), 2),
+            "seconds_max": round(max(s), 2),
+            "per_sec": round(units / statistics.median(s), 1),
+        }
+        for program, s in seconds.items()
+    }
+    fastest = max(p["per_sec"] for program, p in programs.items() if program != "pipeline")
+    return {
+        "steps": cfg.bench.whole_run_steps,
+        "repeats": cfg.bench.whole_run_repeats,
+        "units": units,
+        "programs": programs,
+        "whole_run_ratio_over_fastest_baseline": round(programs["pipeline"]["per_sec"] / fastest, 3),
+    }
+
+
+def native_cases(cfg: DictConfig, store: Path) -> list[dict[str, Any]]:
+    """Every case in this process, each followed by its whole-run timing when ``bench.whole_run_steps`` asks."""
+    cases = []
+    for name in cfg.bench.cases:
+        case_cfg = speed.case_config(cfg, speed.CASES[name], cfg.bench.steps, store)
+        try:
+            cases.append(bench_case(name, case_cfg, cfg.bench.rounds))
+        except data.DataError as err:
+            log.warning("%s skipped: %s", name, err)
+            continue
+        if cfg.bench.whole_run_steps:
+            cases[-1]["whole_run"] = whole_run(cfg, name, store)
+        log.info("%s: %s", name, cases[-1])
+    return cases
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     config.validate(cfg, "bench")
     unknown = [name for name in cfg.bench.cases if name not in speed.CASES]
@@ -221,37 +323,66 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "cpu_bf16": models.cpu_bf16_matmul(),
         "cpu_flags": speed.cpu_flags(),
         "gpu": models.gpu_available(),
+        "classes": {},
         "cases": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
-        for name in cfg.bench.cases:
-            case_cfg = speed.case_config(cfg, speed.CASES[name], cfg.bench.steps, store)
-            try:
-                results["cases"].append(bench_case(name, case_cfg, cfg.bench.rounds))
-            except data.DataError as err:
-                log.warning("%s skipped: %s", name, err)
-            log.info("%s: %s", name, results["cases"][-1] if results["cases"] else "-")
+        for isa in cfg.bench.isa:
+            if isa == "native":
+                results["cases"] += native_cases(cfg, store)
+                results["classes"][isa] = {"cpu_bf16": results["cpu_bf16"], "env": {}}
+            else:
+                cases, results["classes"][isa] = emulated_cases(cfg, isa)
+                results["cases"] += cases
         if cfg.bench.pipeline_overheads:
             results["noop_dvc_repro_seconds"] = noop_repro_seconds(Path(cfg.paths.root))
             results["prepare_seconds"] = prepare_seconds(cfg, store)
-    out = Path(cfg.paths.reports)
+    if cfg.bench.results_to:  # an emulated class's child: its parent merges and writes the reports
+        data.write_json(Path(cfg.bench.results_to) / "bench.json", results)
+    else:
+        write_reports(Path(cfg.paths.reports), results)
+    return results
+
+
+def whole_run_table(cases: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per case and program of the whole-run timings."""
+    rows = []
+    for c in cases:
+        runs = c.get("whole_run")
+        for program, p in runs["programs"].items() if runs else ():
+            ratio = runs["whole_run_ratio_over_fastest_baseline"] if program == "pipeline" else None
+            rows.append({"case": c["case"], "isa": c["isa"], "program": program, "steps": runs["steps"], **p})
+            rows[-1] |= {"unit": c["unit"], "ratio_over_fastest_baseline": ratio}
+    return pd.DataFrame(rows)
+
+
+def write_reports(out: Path, results: dict[str, Any]) -> None:
+    """``bench.json`` (everything) and ``bench.md``: the machine, the classes, the cases, the whole runs."""
     data.write_json(out / "bench.json", results)
-    table = pd.DataFrame(results["cases"])
+    table = pd.DataFrame([{k: v for k, v in case.items() if k != "whole_run"} for case in results["cases"]])
     machine = ", ".join(filter(None, [results["cpu"], results["cpu_flags"], "GPU" if results["gpu"] else None]))
     lines = ["# Benchmark", "", f"{machine}; Python {results['python']}, Keras {results['keras']}", ""]
+    for isa, described in results["classes"].items():
+        env = " ".join(f"{k}={v}" for k, v in described["env"].items()) or "the machine as it is"
+        lines.append(f"- class `{isa}`: {env}; bfloat16 matmul instructions: {described['cpu_bf16']}")
+    lines.append("")
     if not table.empty:
         lines += [table.to_markdown(index=False), ""]
+    runs = whole_run_table(results["cases"])
+    if not runs.empty:
+        lines += ["## Whole runs (each program its own process, spawn to exit)", "", runs.to_markdown(index=False), ""]
     for key in ("noop_dvc_repro_seconds", "prepare_seconds"):
         if key in results:
             lines.append(f"- {key}: {results[key]}")
     (out / "bench.md").write_text("\n".join(lines) + "\n")
-    return results
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    print((Path(cfg.paths.reports) / "bench.md").read_text() if run(cfg) else "")
+    run(cfg)
+    if not cfg.bench.results_to:  # a child's results go to its parent, not to the terminal
+        print((Path(cfg.paths.reports) / "bench.md").read_text())
 
 
 if __name__ == "__main__":

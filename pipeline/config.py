@@ -183,6 +183,10 @@ class BenchConfig:
     steps: int = MISSING
     rounds: int = MISSING
     pipeline_overheads: bool = MISSING
+    isa: list[str] = MISSING
+    whole_run_steps: int | None = MISSING
+    whole_run_repeats: int = MISSING
+    results_to: str | None = MISSING
 
 
 @dataclass
@@ -420,6 +424,8 @@ BOUNDS: dict[str, Bound] = {
     "tracking.http_timeout": Bound(1, note=" (whole seconds)"),
     "bench.steps": COUNT,
     "bench.rounds": COUNT,
+    "bench.whole_run_steps": Bound(0, nullable=True, note=" (0 or null = no whole-run timing)"),
+    "bench.whole_run_repeats": COUNT,
     "profile.steps": COUNT,
     "ui.port": Bound(1, 65535),
     "search.warmup_epochs": Bound(0),
@@ -434,6 +440,7 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     **{key: bound for key, bound in BOUNDS.items() if key.startswith("tracking.")},
 }
 STRATEGIES = sampling.STRATEGIES
+BENCH_ISAS = ("native", "avx2")  # the machine classes make bench times (pipeline.bench)
 ANCHOR_METRICS = tuple(f"{split}/{o.metric}" for split in ("test", "val") for o in objective.BY_KIND.values())
 # Keys with a fixed set of values: (what a value is called, the choices).
 CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -558,6 +565,8 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
         _check(resume in ("auto", "true", "false"), "sweep.resume", f"choose auto, true or false, got {resume!r}")
     if "bench" in cfg:
         _check(len(cfg.bench.cases) >= 1, "bench.cases", "name at least one case")
+        wrong = [isa for isa in cfg.bench.isa if isa not in BENCH_ISAS]
+        _check(not wrong, "bench.isa", f"choose from {', '.join(BENCH_ISAS)}, got {wrong[0] if wrong else ''!r}")
     if "trainer" in cfg:
         t = cfg.trainer
         _check(

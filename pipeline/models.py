@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,33 @@ def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below its first one with bfloat16 matmuls (AVX512_CORE_BF16).
+ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 @functools.cache
+def cpu_flag_set(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The flags file's words, read once per file (None where it cannot be read: not Linux)."""
+    try:
+        return frozenset(Path(cpuinfo).read_text().split())
+    except OSError:
+        return None
+
+
 def cpu_bf16_matmul(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """The CPU's bfloat16 matrix instructions: ``amx_bf16`` (Intel Sapphire Rapids and later) or ``avx512_bf16``
     (AMD Zen 4 and later, Intel Cooper Lake), which oneDNN uses for bfloat16 matmuls; None = none (bfloat16 has no fast
-    path then). ``cpuinfo``: the flags file (Linux's, unless a test hands another)."""
-    try:
-        flags = set(Path(cpuinfo).read_text().split())
-    except OSError:
+    path then). ``cpuinfo``: the flags file (Linux's, unless a test hands another). ``ONEDNN_MAX_CPU_ISA`` caps what
+    oneDNN dispatches to (``make bench``'s emulated AVX2 class sets it): an ISA below bfloat16 means None, as on a CPU
+    without it, and ``AVX512_CORE_BF16`` leaves AMX out."""
+    flags = cpu_flag_set(Path(cpuinfo))
+    if flags is None:
         return None
-    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap in ISAS_WITHOUT_BF16:
+        return None
+    allowed = ("avx512_bf16",) if cap == "AVX512_CORE_BF16" else ("amx_bf16", "avx512_bf16")
+    return next((flag for flag in allowed if flag in flags), None)
 
 
 def resolve_precision(precision: str, kind: str = "language_model") -> str:

@@ -9,6 +9,7 @@ step's time if every matmul ran at that rate and nothing else took any time.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import platform
 import time
@@ -33,26 +34,29 @@ CASES = {  # case name -> the preset, and overrides; bench.cases picks which run
 }
 
 
-def case_config(cfg: DictConfig, case: tuple[str, ...], steps: int, store: Path) -> DictConfig:
-    """The preset's config, composed as `experiment=<preset>` would be, with an "epoch" of ``steps`` steps and
-    tracking into a throw-away store."""
+def case_overrides(cfg: DictConfig, case: tuple[str, ...], steps: int, store: Path) -> list[str]:
+    """The command-line overrides of a case: the preset, its own overrides, an "epoch" of ``steps`` steps, no
+    checkpoints and tracking into a throw-away store. One list for the in-process bench and the whole-run commands,
+    so that the two time the same thing."""
     preset, *overrides = case
-    return compose(
-        config_name="config",
-        overrides=[
-            f"experiment={preset}",
-            *overrides,
-            f"paths.root={cfg.paths.root}",
-            f"paths.data={cfg.paths.data}",
-            f"trainer.max_steps_per_epoch={steps}",
-            "trainer.max_eval_batches=1",
-            "trainer.verbose=0",
-            "trainer.checkpoint=false",
-            f"tracking.uri=sqlite:///{store}/mlflow.db",
-            f"tracking.artifact_location={store}/artifacts",
-            "tracking.experiment=rnnlab-bench",
-        ],
-    )
+    return [
+        f"experiment={preset}",
+        *overrides,
+        f"paths.root={cfg.paths.root}",
+        f"paths.data={cfg.paths.data}",
+        f"trainer.max_steps_per_epoch={steps}",
+        "trainer.max_eval_batches=1",
+        "trainer.verbose=0",
+        "trainer.checkpoint=false",
+        f"tracking.uri=sqlite:///{store}/mlflow.db",
+        f"tracking.artifact_location={store}/artifacts",
+        "tracking.experiment=rnnlab-bench",
+    ]
+
+
+def case_config(cfg: DictConfig, case: tuple[str, ...], steps: int, store: Path) -> DictConfig:
+    """The preset's config, composed as `experiment=<preset>` would be, with ``case_overrides``."""
+    return compose(config_name="config", overrides=case_overrides(cfg, case, steps, store))
 
 
 def cpu_flags() -> str:
@@ -148,6 +152,13 @@ def matmul_rate(m: int, k: int, n: int, dtype: str = "float32", chain: int = 1, 
         result.numpy()
         best = max(best, 2 * m * k * n * chain * reps / (time.perf_counter() - started) / 1e9)
     return best
+
+
+@functools.cache
+def machine_rate(size: int = 1024) -> float:
+    """GFLOP/s of one large square float32 matmul: the machine's matmul rate, measured once per process (a limit
+    at it says how far a model's own shapes, small ones above all, keep it from the machine's best)."""
+    return matmul_rate(size, size, size, "float32")
 
 
 def limit(matmuls: list[Matmul], units_per_step: int) -> dict[str, Any]:

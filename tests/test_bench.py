@@ -11,7 +11,7 @@ import pytest
 from hydra import initialize_config_dir
 
 from pipeline import bench, models, prepare, tracking
-from tests.conftest import CONF
+from tests.conftest import CONF, compose_config
 
 DELAY = 0.25  # seconds added to every metrics write: far above the real sqlite write and the toy epoch
 
@@ -36,12 +36,19 @@ def agrees(value: float, expected: float, rel: float) -> bool:
 def test_bench_numbers_agree_with_each_other_and_with_the_machine(make_cfg, tmp_path, slow_tracking):
     prepare.run(make_cfg(top="prepare"))
     cfg = make_cfg(
-        "bench.cases=[toy_lstm]", "bench.steps=10", "bench.rounds=3", "bench.pipeline_overheads=false", top="bench"
+        "bench.cases=[toy_lstm]",
+        "bench.steps=10",
+        "bench.rounds=3",
+        "bench.pipeline_overheads=false",
+        "bench.isa=[native]",  # this process only: the other classes and the whole runs have their own test
+        "bench.whole_run_steps=0",
+        top="bench",
     )
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         results = bench.run(cfg)
     (case,) = results["cases"]
-    assert (case["case"], case["unit"], case["steps"], case["precision"]) == ("toy_lstm", "samples", 10, "float32")
+    assert (case["case"], case["isa"], case["unit"], case["steps"]) == ("toy_lstm", "native", "samples", 10)
+    assert case["precision"] == "float32" and "whole_run" not in case
     samples = case["steps"] * case["batch"]  # an epoch capped at 10 steps of full batches
     # Rate and time per step are two views of the same timings: rate x seconds per epoch = samples per epoch.
     for path in ("pipeline", "keras"):
@@ -99,3 +106,96 @@ def test_the_plain_tuned_baseline_cuts_windows_as_the_pipeline_and_learns():
     step = plain_tuned.train_step(model, learning_rate=1.0, clip=5.0)
     losses = [float(step(xb, yb)) / 5 for _ in range(6) for xb, yb in pairs]
     assert abs(losses[0] - math.log(12)) < 0.05 and losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.integration  # two bench processes and four whole runs: a minute or more
+def test_both_machine_classes_the_machine_rate_and_the_whole_runs_agree(make_cfg, tmp_path):
+    prepare.run(make_cfg(top="prepare"))
+    cfg = make_cfg(
+        "bench.cases=[toy_lstm]",
+        "bench.steps=5",
+        "bench.rounds=2",
+        "bench.isa=[native,avx2]",
+        "bench.whole_run_steps=5",
+        "bench.whole_run_repeats=2",
+        "bench.pipeline_overheads=false",
+        top="bench",
+    )
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        results = bench.run(cfg)
+    native, avx2 = results["cases"]
+    assert (native["case"], native["isa"], avx2["case"], avx2["isa"]) == ("toy_lstm", "native", "toy_lstm", "avx2")
+    assert results["classes"]["avx2"]["cpu_bf16"] is None  # the emulated CPU has no bfloat16: auto = float32
+    assert results["classes"]["avx2"]["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "--xla_cpu_max_isa=AVX2" in results["classes"]["avx2"]["env"]["XLA_FLAGS"]
+    for case in (native, avx2):  # the limit at the machine's rate: the same units over the same time
+        fraction = case["pipeline_per_sec"] / case["limit_at_machine_rate_per_sec"]
+        assert agrees(case["fraction_of_machine_limit"], fraction, rel=0.01), case["isa"]
+        assert 0 < case["fraction_of_machine_limit"] < 1.2 and case["machine_gflop_per_sec"] > 0
+    runs = native["whole_run"]
+    assert "whole_run" not in avx2 and set(runs["programs"]) == {"pipeline", "plain_fit"}  # toy: no plain_tuned
+    assert (runs["steps"], runs["repeats"], runs["units"]) == (5, 2, 5 * native["batch"])
+    for program, p in runs["programs"].items():
+        assert p["seconds_min"] <= p["seconds_median"] <= p["seconds_max"], program
+        assert agrees(p["per_sec"] * p["seconds_median"], runs["units"], rel=0.01), program
+    ratio = runs["programs"]["pipeline"]["per_sec"] / runs["programs"]["plain_fit"]["per_sec"]
+    assert agrees(runs["whole_run_ratio_over_fastest_baseline"], ratio, rel=0.01)
+    written = json.loads((tmp_path / "reports/bench.json").read_text())
+    assert [c["isa"] for c in written["cases"]] == ["native", "avx2"]  # the child's own report never replaced it
+    table = (tmp_path / "reports/bench.md").read_text()
+    assert "| toy_lstm | avx2 " in table and "| toy_lstm | native | plain_fit " in table
+
+
+FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [
+        (None, "amx_bf16"),  # no cap: the machine's best
+        ("AVX2", None),  # the bench's emulated class
+        ("avx512_core_vnni", None),  # oneDNN reads the name in any case
+        ("SSE41", None),
+        ("AVX512_CORE_BF16", "avx512_bf16"),  # bfloat16 without AMX
+        ("AVX512_CORE_AMX", "amx_bf16"),
+        ("ALL", "amx_bf16"),
+    ],
+)
+def test_bf16_instructions_stop_where_onednn_max_cpu_isa_stops(tmp_path, monkeypatch, cap, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(FLAGS)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert models.cpu_bf16_matmul(cpuinfo) == expected
+
+
+def test_auto_precision_is_float32_on_the_emulated_avx2_cpu(monkeypatch):
+    monkeypatch.setattr(models, "cpu_flag_set", lambda path: frozenset(FLAGS.split()))
+    monkeypatch.setattr(models, "gpu_available", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert models.resolve_precision("auto") == "bfloat16_grad"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    for key, value in bench.emulated_env("avx2").items():
+        monkeypatch.setenv(key, value)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_cpu_max_isa=AVX2"  # kept, then capped
+    assert models.resolve_precision("auto") == "float32"
+
+
+def test_whole_run_commands_give_every_program_the_same_preset_and_steps(tmp_path):
+    cfg = compose_config([f"paths.root={tmp_path}", "bench.whole_run_steps=7"], config_name="bench")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        toy = bench.whole_run_commands(cfg, "toy_lstm", tmp_path / "store")
+        ptb = bench.whole_run_commands(cfg, "ptb_small_lstm_float32", tmp_path / "store")
+    assert set(toy) == {"pipeline", "plain_fit"} and set(ptb) == {"pipeline", "plain_fit", "plain_tuned"}
+    for commands, preset in ((toy, "toy_dynamic"), (ptb, "ptb_small")):
+        pipeline, fit = commands["pipeline"], commands["plain_fit"]
+        assert pipeline[1:3] == ["-m", "pipeline.train"] and fit[1:3] == ["-m", "pipeline.baselines.plain_fit"]
+        assert fit[3:] == [arg for arg in pipeline[3:] if not arg.startswith("hydra.")]  # one list of overrides
+        assert {f"experiment={preset}", "trainer.max_steps_per_epoch=7", "trainer.epochs=1"} <= set(fit)
+    assert "trainer.precision=float32" in ptb["plain_fit"]
+    assert ptb["plain_tuned"][2:] == [
+        *("pipeline.baselines.plain_tuned", str(tmp_path / "data/prepared/ptb"), "--steps", "7"),
+        *("--units", "200", "--layers", "2", "--batch", "20", "--window", "20"),  # ptb_small's shapes
+    ]

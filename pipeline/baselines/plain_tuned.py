@@ -59,17 +59,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="a prepared PTB folder (train.npz with 'ids', meta.json)")
     parser.add_argument("--steps", type=int, default=200, help="training steps to time")
+    parser.add_argument("--units", type=int, default=200, help="LSTM units per layer")
+    parser.add_argument("--layers", type=int, default=2, help="stacked LSTM layers")
+    parser.add_argument("--batch", type=int, default=20, help="parallel token streams")
+    parser.add_argument("--window", type=int, default=20, help="tokens per window (steps of back-propagation)")
     args = parser.parse_args()
     ids = np.load(args.data / "train.npz")["ids"].astype("int32")
-    model = build(int(ids.max()) + 1)
+    model = build(int(ids.max()) + 1, args.units, args.layers, args.batch, args.window)
     step = train_step(model)
-    batches = windows(ids, 20, 20)
+    batches = windows(ids, args.batch, args.window)
     step(*next(batches))  # trace and compile
     started = time.perf_counter()
     for _, (x, y) in zip(range(args.steps), batches, strict=False):
         loss = step(x, y)
     seconds = time.perf_counter() - started
-    print(f"{args.steps * 20 * 20 / seconds:.0f} tokens/s, last loss {float(loss) / 20:.3f} per token")
+    tokens = args.steps * args.batch * args.window
+    print(f"{tokens / seconds:.0f} tokens/s, last loss {float(loss) / args.window:.3f} per token")
 
 
 if __name__ == "__main__":
