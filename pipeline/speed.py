@@ -21,7 +21,7 @@ import tensorflow as tf
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline import cells, tasks
+from pipeline import cells, models, tasks
 
 CASES = {  # case name -> the preset, and overrides; bench.cases picks which run
     "toy_lstm": ("toy_dynamic",),
@@ -61,8 +61,7 @@ def case_config(cfg: DictConfig, case: tuple[str, ...], steps: int, store: Path)
 
 def cpu_flags() -> str:
     """The CPU's vector and matrix instruction sets that decide matmul speed (AVX2, AVX-512, bfloat16, AMX)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(text.split())
+    flags = models.cpu_flag_set() or frozenset()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_vp2intersect", "amx_bf16", "amx_tile")
     return " ".join(flag for flag in wanted if flag in flags)
 
