@@ -130,6 +130,7 @@ class TrainerConfig:
     resume_run_id: str | None = MISSING
     generate_words: int = MISSING
     divergence_factor: float | None = MISSING
+    compile_cache: str | None = MISSING
 
 
 @dataclass
@@ -353,6 +354,7 @@ RUNTIME_KEYS = (
     "inter_op_threads",
     "generate_words",
     "divergence_factor",
+    "compile_cache",  # where compiled loops are kept: the same code either way
     "kernels",  # fused or Keras' loops: the same math, so the same run (the tag says which ran)
 )
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline import cells, models
+from pipeline import cells, models, xla_cache
 from pipeline.data import Dataset
 from pipeline.sampling import generate
 
@@ -77,8 +77,9 @@ def distribution_scope(cfg: DictConfig):
 
 
 def setup_runtime(cfg: DictConfig) -> None:
-    """Seeds, determinism and thread counts, before any model is built."""
+    """Seeds, determinism, thread counts and the compile cache, before any model is built."""
     keras.utils.set_random_seed(cfg.seed)
+    xla_cache.enable(cfg.trainer.compile_cache)
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
     try:

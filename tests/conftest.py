@@ -21,6 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.pop("RNNLAB_ROOT", None)
+# no compile cache in tests (an empty folder turns TensorFlow's off): every test compiles as a fresh machine would;
+# tests/test_xla_cache.py runs the cache in processes of its own
+os.environ["TF_XLA_FLAGS"] = "--tf_xla_persistent_cache_directory="
 
 from pipeline import config, teamserver  # noqa: E402
 from pipeline.data import Dataset, save  # noqa: E402
