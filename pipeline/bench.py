@@ -20,7 +20,8 @@ child ``pipeline.bench`` whose oneDNN and XLA dispatch stop at AVX2 (``ONEDNN_MA
 child writes into a temporary folder (``bench.results_to``) and its cases come back with ``isa: avx2``. On a CPU
 that is itself AVX2-only the two classes run the same kernels.
 
-Whole runs (``bench.whole_run_steps`` steps, ``bench.whole_run_repeats`` round-robin repeats): each program as its
+Whole runs (``bench.whole_run_steps`` steps, ``bench.whole_run_repeats`` round-robin repeats, for the cases in
+``bench.whole_run_cases``): each program as its
 own process from spawn to exit, start-up, imports, compiling and evaluation included: ``pipeline.train`` on the
 case's overrides (one epoch of that many steps) with its compiled loops loaded from ``trainer.compile_cache`` (as in
 a sweep's later jobs or any run after a machine's first), the same with the cache off (``pipeline_compiling``: a
@@ -229,6 +230,7 @@ def emulated_cases(cfg: DictConfig, isa: str) -> tuple[list[dict[str, Any]], dic
             "bench.isa=[native]",  # the child is "native" to its own capped environment
             f"bench.whole_run_steps={cfg.bench.whole_run_steps or 0}",  # its whole runs inherit the caps
             f"bench.whole_run_repeats={cfg.bench.whole_run_repeats}",
+            f"bench.whole_run_cases=[{','.join(cfg.bench.whole_run_cases or cfg.bench.cases)}]",
             "bench.pipeline_overheads=false",
             f"bench.results_to={tmp}",
             f"paths.root={cfg.paths.root}",
@@ -314,7 +316,7 @@ def native_cases(cfg: DictConfig, store: Path) -> list[dict[str, Any]]:
         except data.DataError as err:
             log.warning("%s skipped: %s", name, err)
             continue
-        if cfg.bench.whole_run_steps:
+        if cfg.bench.whole_run_steps and name in (cfg.bench.whole_run_cases or cfg.bench.cases):
             cases[-1]["whole_run"] = whole_run(cfg, name, store)
         log.info("%s: %s", name, cases[-1])
     return cases

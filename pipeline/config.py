@@ -187,6 +187,7 @@ class BenchConfig:
     isa: list[str] = MISSING
     whole_run_steps: int | None = MISSING
     whole_run_repeats: int = MISSING
+    whole_run_cases: list[str] | None = MISSING
     results_to: str | None = MISSING
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import hydra
 import pandas as pd
+import yaml
 from omegaconf import DictConfig
 
 from pipeline import config, data, figures, speed, tracking
@@ -105,11 +106,28 @@ def dataset_tables(folder: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Obj
     ranked = [cells for cells in ranked if len(cells) > 1]  # a one-cell dataset (a preset's seeds) ranks nothing
     shared = set.intersection(*ranked) if ranked else set()
     tables = {name: max(t, key=lambda table: (len(cells_in(table) & shared), len(table))) for name, t in found.items()}
-    objectives = {}
-    for name in tables:
-        source = name if name in registry.sources() else name.split("_")[0]
-        objectives[name] = for_kind(registry.kind_of(source))
-    return tables, objectives
+    return tables, {name: for_kind(registry.kind_of(source_of(name))) for name in tables}
+
+
+DATA_CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+
+
+def source_of(name: str, conf: Path = DATA_CONF) -> str:
+    """The registry source a dataset's name comes from: its ``conf/data`` file's ``source``, following the file's
+    defaults (``pmnist`` -> ``smnist`` -> ``mnist``), or for a name set on the command line
+    (``data.name=adding_t50``) the longest source it starts with."""
+    seen = set()
+    while (conf / f"{name}.yaml").exists() and name not in seen:
+        seen.add(name)
+        spec = yaml.safe_load((conf / f"{name}.yaml").read_text()) or {}
+        if "source" in spec:
+            return spec["source"]
+        parents = [d for d in spec.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        name = parents[0] if parents else name
+    starts = [source for source in registry.sources() if name.startswith(source)]
+    if not starts:
+        raise ValueError(f"dataset {name!r}: no conf/data/{name}.yaml and no known source it starts with")
+    return max(starts, key=len)
 
 
 def section(readme: Path, title: str) -> list[str]:

@@ -224,3 +224,22 @@ def test_a_study_of_other_cells_on_a_dataset_leaves_the_ranking_over_every_datas
     assert set(compare.cell_ranks(tables, objectives)["average"].index) == set(classic)
     comparison(tmp_path, "more", "mnist", [*classic, "MGU"])  # the shared cells and more rows: this one
     assert len(results.dataset_tables(tmp_path)[0]["mnist"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("pmnist", "mnist"),
+        ("smnist", "mnist"),
+        ("imdb_long", "imdb"),
+        ("adding_t50", "adding"),
+        ("copy_memory", "copy_memory"),
+    ],
+)
+def test_each_dataset_name_maps_to_the_module_that_builds_it(name, source):
+    assert results.source_of(name) == source  # pmnist through smnist's defaults; adding_t50 from data.name=
+
+
+def test_a_dataset_name_of_no_known_source_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="'letters'"):
+        results.source_of("letters")

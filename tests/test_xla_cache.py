@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import struct_pb2
 
-from pipeline import xla_cache
+from pipeline import tasks, xla_cache
+from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,13 @@ def test_enable_points_tensorflow_at_the_machines_folder(tmp_path, no_flags):
     assert used == tmp_path / xla_cache.machine_key()
     assert os.environ["TF_XLA_FLAGS"] == f"{xla_cache.FLAG}={used}"
     assert not damaged.exists()
+
+
+def test_a_training_run_keeps_its_compiled_loops_under_the_checkout_by_default(tmp_path, no_flags):
+    cfg = compose_config([f"paths.root={tmp_path}"])
+    assert cfg.trainer.compile_cache == f"{tmp_path}/.cache/xla"
+    tasks.setup_runtime(cfg)
+    assert os.environ["TF_XLA_FLAGS"] == f"{xla_cache.FLAG}={tmp_path}/.cache/xla/{xla_cache.machine_key()}"
 
 
 def test_enable_keeps_the_users_flag_and_stays_off_when_asked(tmp_path, monkeypatch, no_flags):
