@@ -218,6 +218,14 @@ def run_checked(command: list[str], env: dict[str, str]) -> str:
     return done.stdout
 
 
+def whole_run_names(cfg: DictConfig) -> list[str]:
+    """The cases timed as whole runs: ``bench.whole_run_cases``, where null means every case and [] none."""
+    if not cfg.bench.whole_run_steps:
+        return []
+    names = cfg.bench.whole_run_cases
+    return list(cfg.bench.cases) if names is None else [name for name in cfg.bench.cases if name in names]
+
+
 def emulated_cases(cfg: DictConfig, isa: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The same cases, steps and rounds in a child ``pipeline.bench`` whose environment emulates ``isa``; it writes
     its results into a temporary folder (never reports/), and its cases come back labelled with the class."""
@@ -230,7 +238,7 @@ def emulated_cases(cfg: DictConfig, isa: str) -> tuple[list[dict[str, Any]], dic
             "bench.isa=[native]",  # the child is "native" to its own capped environment
             f"bench.whole_run_steps={cfg.bench.whole_run_steps or 0}",  # its whole runs inherit the caps
             f"bench.whole_run_repeats={cfg.bench.whole_run_repeats}",
-            f"bench.whole_run_cases=[{','.join(cfg.bench.whole_run_cases or cfg.bench.cases)}]",
+            f"bench.whole_run_cases=[{','.join(whole_run_names(cfg))}]",
             "bench.pipeline_overheads=false",
             f"bench.results_to={tmp}",
             f"paths.root={cfg.paths.root}",
@@ -316,7 +324,7 @@ def native_cases(cfg: DictConfig, store: Path) -> list[dict[str, Any]]:
         except data.DataError as err:
             log.warning("%s skipped: %s", name, err)
             continue
-        if cfg.bench.whole_run_steps and name in (cfg.bench.whole_run_cases or cfg.bench.cases):
+        if name in whole_run_names(cfg):
             cases[-1]["whole_run"] = whole_run(cfg, name, store)
         log.info("%s: %s", name, cases[-1])
     return cases

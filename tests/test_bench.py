@@ -187,6 +187,17 @@ def test_auto_precision_is_float32_on_the_emulated_avx2_cpu(monkeypatch):
     assert models.resolve_precision("auto") == "float32"
 
 
+def test_whole_run_cases_null_means_every_case_and_empty_means_none(tmp_path):
+    cases = "bench.cases=[toy_lstm,imdb_lstm]"
+    names = {
+        setting: bench.whole_run_names(compose_config([cases, *setting], config_name="bench"))
+        for setting in ((), ("bench.whole_run_cases=null",), ("bench.whole_run_cases=[]",),
+                        ("bench.whole_run_cases=[imdb_lstm]",), ("bench.whole_run_steps=0",
+                                                                "bench.whole_run_cases=null"))
+    }  # fmt: skip
+    assert list(names.values()) == [[], ["toy_lstm", "imdb_lstm"], [], ["imdb_lstm"], []]
+
+
 def test_whole_run_commands_give_every_program_the_same_preset_and_steps(tmp_path):
     cfg = compose_config([f"paths.root={tmp_path}", "bench.whole_run_steps=7"], config_name="bench")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
