@@ -258,12 +258,10 @@ def whole_run_commands(cfg: DictConfig, name: str, store: Path) -> dict[str, lis
     model the hand-tuned script at the case's shapes."""
     steps = cfg.bench.whole_run_steps
     overrides = [*speed.case_overrides(cfg, speed.CASES[name], steps, store), "trainer.epochs=1"]
+    train, run_dir = [sys.executable, "-m", "pipeline.train", *overrides], f"hydra.run.dir={store}/hydra"
     commands = {
-        "pipeline": [sys.executable, "-m", "pipeline.train", *overrides, f"hydra.run.dir={store}/hydra"],
-        "pipeline_compiling": [  # a first run on this machine: XLA compiles the loops (trainer.compile_cache)
-            *[sys.executable, "-m", "pipeline.train", *overrides, "trainer.compile_cache=null"],
-            f"hydra.run.dir={store}/hydra",
-        ],
+        "pipeline": [*train, run_dir],
+        "pipeline_compiling": [*train, "trainer.compile_cache=null", run_dir],  # a machine's first run: XLA compiles
         "plain_fit": [sys.executable, "-m", "pipeline.baselines.plain_fit", *overrides],
     }
     case_cfg = compose(config_name="config", overrides=overrides)

@@ -94,7 +94,7 @@ class Task:
 
     unit = "samples"
 
-    def __init__(self, cfg: DictConfig, dataset: Dataset):
+    def __init__(self, cfg: DictConfig, dataset: Dataset, build: bool = True):
         self.cfg = cfg
         self.dataset = dataset
         self.batch_size = cfg.trainer.batch_size
@@ -104,8 +104,10 @@ class Task:
         lm = dataset.meta["kind"] == "language_model"
         self.kernels = models.resolve_kernels(cfg.trainer.kernels) if lm else "keras"
         self.scope = distribution_scope(cfg)
-        with self.scope:
-            self.model = self.build()
+        self.model: keras.Model | None = None  # build=False: the data, batches and settings alone (a baseline's)
+        if build:
+            with self.scope:
+                self.model = self.build()
 
     @property
     def kernels_tag(self) -> str:
@@ -320,9 +322,9 @@ class LanguageModel(Task):
 
     unit = "tokens"
 
-    def __init__(self, cfg: DictConfig, dataset: Dataset):
+    def __init__(self, cfg: DictConfig, dataset: Dataset, build: bool = True):
         self.steps = cfg.trainer.bptt_steps
-        super().__init__(cfg, dataset)
+        super().__init__(cfg, dataset, build)
         self._windows = {
             split: lm_windows(s["ids"], self.batch_size, self.steps) for split, s in dataset.splits.items()
         }
@@ -387,11 +389,12 @@ class LanguageModel(Task):
         return self.dataset.splits["test"]["ids"][: 2 * self.steps].reshape(2, self.steps)
 
 
-def make(cfg: DictConfig, dataset: Dataset) -> Task:
+def make(cfg: DictConfig, dataset: Dataset, build: bool = True) -> Task:
+    """The task for the dataset's kind; ``build=False`` leaves out the model (a baseline that builds its own)."""
     kind = dataset.meta["kind"]
     if kind not in TASKS:
         raise ValueError(f"no task for data kind {kind!r}")
-    return TASKS[kind](cfg, dataset)
+    return TASKS[kind](cfg, dataset, build)
 
 
 TASKS = {  # a dataset's kind -> how it trains

@@ -28,6 +28,16 @@ def toy_task(make_cfg):
     return make
 
 
+def test_a_task_without_its_model_still_gives_the_data_and_settings(make_cfg, toy_task):
+    built = toy_task()
+    cfg = make_cfg(*SMALL)
+    bare = tasks.make(cfg, data.load(cfg.paths.data, cfg.data.name), build=False)
+    assert bare.model is None and built.model is not None
+    assert (bare.batch_size, bare.precision, bare.kernels) == (built.batch_size, built.precision, built.kernels)
+    for a, b in zip(bare.train_arrays(0), built.train_arrays(0), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- The fast path (steps_per_execution) against Keras ------------------------------------------------------------
 def test_evaluation_matches_keras_evaluate(toy_task):
     task = toy_task("trainer.steps_per_execution=4")

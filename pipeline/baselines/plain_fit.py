@@ -17,7 +17,6 @@ from typing import Any
 
 import keras
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from pipeline import cells, config, data, models, tasks
 
@@ -56,13 +55,6 @@ def plain_keras(task: tasks.Task) -> keras.Model:
     return model
 
 
-def data_only(cfg: DictConfig, dataset: data.Dataset) -> tasks.Task:
-    """The task's data, batches and settings without the pipeline's model: building that would charge the
-    baseline's whole run for a model it never trains."""
-    kind = tasks.TASKS[dataset.meta["kind"]]
-    return type(f"DataOnly{kind.__name__}", (kind,), {"build": lambda self: None})(cfg, dataset)
-
-
 def run(overrides: list[str]) -> dict[str, Any]:
     """One epoch of ``fit`` over the config's training arrays (``trainer.max_steps_per_epoch`` caps it), composed
     from ``overrides`` as ``python -m pipeline.train`` composes its own."""
@@ -70,7 +62,9 @@ def run(overrides: list[str]) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(config.ROOT / "conf"), version_base="1.3"):
         cfg = config.validate(compose(config_name="config", overrides=overrides), "config")
     tasks.setup_runtime(cfg)
-    task = data_only(cfg, data.load(cfg.paths.data, cfg.data.name))
+    # The task's data, batches and settings without the pipeline's model: building that would charge the
+    # baseline's whole run for a model it never trains.
+    task = tasks.make(cfg, data.load(cfg.paths.data, cfg.data.name), build=False)
     model = plain_keras(task)
     x, y = task.train_arrays(0)
     started = time.perf_counter()
