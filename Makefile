@@ -44,8 +44,8 @@ results: setup ## the published results in docs/results, trained from scratch (S
 test: setup ## the fast tier: unit and small integration tests on the toy data, one worker per core (about 2 minutes)
 	pytest -n auto -m "not integration and not slow" --durations=25
 
-test-integration: setup ## the real-data pipeline, presets, team server, sweeps, real processes (about 15 minutes)
-	pytest -m "integration and not slow" --durations=25
+test-integration: setup ## the real-data pipeline, presets, team server, sweeps, real processes (two workers, one test file each: about 16 minutes)
+	pytest -n 2 --dist loadfile -m "integration and not slow" --durations=25
 
 test-full: setup ## every test: both tiers and the full-size training
 	pytest
