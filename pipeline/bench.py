@@ -59,7 +59,7 @@ from pipeline.baselines.plain_fit import plain_keras
 from pipeline.data import registry
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]  # the checkout: where the child processes start
+REPO = config.ROOT  # the checkout: where the child processes start
 
 config.register()
 

@@ -109,7 +109,7 @@ def dataset_tables(folder: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Obj
     return tables, {name: for_kind(registry.kind_of(source_of(name))) for name in tables}
 
 
-DATA_CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+DATA_CONF = config.ROOT / "conf" / "data"
 
 
 def source_of(name: str, conf: Path = DATA_CONF) -> str:
@@ -117,9 +117,9 @@ def source_of(name: str, conf: Path = DATA_CONF) -> str:
     defaults (``pmnist`` -> ``smnist`` -> ``mnist``), or for a name set on the command line
     (``data.name=adding_t50``) the longest source it starts with."""
     seen = set()
-    while (conf / f"{name}.yaml").exists() and name not in seen:
+    while (path := conf / f"{name}.yaml").exists() and name not in seen:
         seen.add(name)
-        spec = yaml.safe_load((conf / f"{name}.yaml").read_text()) or {}
+        spec = yaml.safe_load(path.read_text()) or {}
         if "source" in spec:
             return spec["source"]
         parents = [d for d in spec.get("defaults", []) if isinstance(d, str) and d != "_self_"]
