@@ -120,6 +120,7 @@ class TrainerConfig:
     jit_compile: bool = MISSING
     precision: str = MISSING
     kernels: str = MISSING
+    wavefront: bool = MISSING
     steps_per_execution: int = MISSING
     distribute: bool = MISSING
     intra_op_threads: int = MISSING
@@ -357,6 +358,7 @@ RUNTIME_KEYS = (
     "divergence_factor",
     "compile_cache",  # where compiled loops are kept: the same code either way
     "kernels",  # fused or Keras' loops: the same math, so the same run (the tag says which ran)
+    "wavefront",  # the fused LSTM layers in one loop or one after another: the same math
 )
 
 

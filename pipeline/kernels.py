@@ -57,33 +57,49 @@ def _xent_grad(probs, labels, dloss):
 
 
 # --- LSTM (Keras gate order i, f, c, o) -----------------------------------------------------------------------------
+def _lstm_gates(z, c):
+    """One LSTM step from its gate pre-activations ``z`` (B, 4u) and cell state ``c``: new h, new c, and the gates
+    (with tanh c) that the backward pass needs."""
+    zi, zf, zg, zo = tf.split(z, 4, axis=1)
+    i, f, g, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.tanh(zg), tf.sigmoid(zo)
+    c = f * c + i * g
+    tc = tf.tanh(c)
+    return o * tc, c, tf.concat([i, f, g, o, tc], axis=1)
+
+
 def _lstm_forward(xz, h, c, rk):
     """xz: (T, B, 4u) input projections plus bias. Returns outputs, last h, last c, and what the backward needs."""
     hs, cs, saved = [], [], []
     for xt in tf.unstack(xz):
         hs.append(h)
         cs.append(c)
-        zi, zf, zg, zo = tf.split(xt + tf.matmul(h, rk), 4, axis=1)
-        i, f, g, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.tanh(zg), tf.sigmoid(zo)
-        c = f * c + i * g
-        tc = tf.tanh(c)
-        h = o * tc
-        saved.append(tf.concat([i, f, g, o, tc], axis=1))
+        h, c, gates = _lstm_gates(xt + tf.matmul(h, rk), c)
+        saved.append(gates)
     return tf.stack(hs[1:] + [h]), h, c, tf.stack(hs), tf.stack(cs), tf.stack(saved)
 
 
-def _lstm_backward(dout, dh, dc, rk, hprev, cprev, saved):
-    """The gates' local derivatives are computed for all steps at once, outside the sequential loop, which then
-    carries only dh and dc (about 20% faster than computing them step by step)."""
+def _lstm_local(saved, cprev):
+    """The gates' local derivatives for all steps at once, outside the sequential loop (which then carries only dh
+    and dc: about 20% faster than computing them step by step): f, dc/dh and dz/dc."""
     i, f, g, o, tc = tf.split(saved, 5, axis=2)
     dc_dh = o * (1 - tc * tc)
     dz_dc = tf.concat([g * i * (1 - i), cprev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], axis=2)
+    return f, dc_dh, dz_dc
+
+
+def _lstm_step_back(dh, dc, local, t):
+    """Step t's gate gradients dz from the gradients of its h and c, and the gradient into the previous c."""
+    f, dc_dh, dz_dc = local
+    dc = dc + dh * dc_dh[t]
+    dz = tf.concat([dc, dc, dc, dh], axis=1) * dz_dc[t]  # the o gate's last quarter is dh * (tc * o * (1 - o))
+    return dz, dc * f[t]
+
+
+def _lstm_backward(dout, dh, dc, rk, hprev, cprev, saved):
+    local = _lstm_local(saved, cprev)
     dzs = []
     for t in reversed(range(dout.shape[0])):
-        dh = dh + dout[t]
-        dc = dc + dh * dc_dh[t]
-        dz = tf.concat([dc, dc, dc, dh], axis=1) * dz_dc[t]  # the o gate's last quarter is dh * (tc * o * (1 - o))
-        dc = dc * f[t]
+        dz, dc = _lstm_step_back(dh + dout[t], dc, local, t)
         dh = tf.matmul(dz, rk, transpose_b=True)
         dzs.append(dz)
     dz = tf.stack(dzs[::-1])
@@ -110,6 +126,86 @@ def lstm_sequence(xz, h, c, rk):
         return _lstm_backward_xla(dout, dh, dc, rk, hprev, cprev, saved)
 
     return (out, h_last, c_last), grad
+
+
+# --- stacked LSTM layers as one wavefront ---------------------------------------------------------------------------
+def _stack_forward(xz, states, rk, ws, bs):
+    """All layers in one loop: layer 1 from its input projections ``xz`` and recurrent kernel ``rk``, layer l > 1
+    from ``[h_{l-1,t}, h_{l,t-1}] @ ws[l-2] + bs[l-2]`` (its kernel and recurrent kernel stacked), so that nothing
+    orders layer l's step t after layer l-1's step t+1 and the two can run side by side. ``states``: h, c per layer.
+    Returns the top layer's outputs, the last states and, per layer, its step inputs, previous c and gates."""
+    hs, cs = list(states[0::2]), list(states[1::2])
+    ins, cprev, gates = ([[] for _ in hs] for _ in range(3))
+    outputs = []
+    for xt in tf.unstack(xz):
+        for layer in range(len(hs)):
+            if layer == 0:
+                step_in, z = hs[0], xt + tf.matmul(hs[0], rk)
+            else:
+                step_in = tf.concat([hs[layer - 1], hs[layer]], axis=1)
+                z = tf.matmul(step_in, ws[layer - 1]) + bs[layer - 1]
+            ins[layer].append(step_in)
+            cprev[layer].append(cs[layer])
+            hs[layer], cs[layer], g = _lstm_gates(z, cs[layer])
+            gates[layer].append(g)
+        outputs.append(hs[-1])
+    last = [s for h, c in zip(hs, cs, strict=True) for s in (h, c)]
+    return (
+        tf.stack(outputs),
+        last,
+        [[tf.stack(part[layer]) for part in (ins, cprev, gates)] for layer in range(len(hs))],
+    )
+
+
+def _stack_backward(dout, dlast, rk, ws, saved):
+    """The wavefront backwards: at each step from the top layer down, each layer's dz, then one matmul by its
+    stacked kernels gives the gradients into the layer below (this step) and into its own previous h."""
+    local = [_lstm_local(gates, cprev) for _, cprev, gates in saved]
+    dh, dc = list(dlast[0::2]), list(dlast[1::2])
+    dzs = [[] for _ in saved]
+    for t in reversed(range(dout.shape[0])):
+        dh[-1] = dh[-1] + dout[t]
+        for layer in reversed(range(len(saved))):
+            dz, dc[layer] = _lstm_step_back(dh[layer], dc[layer], local[layer], t)
+            dzs[layer].append(dz)
+            if layer == 0:
+                dh[0] = tf.matmul(dz, rk, transpose_b=True)
+            else:
+                dx = tf.matmul(dz, ws[layer - 1], transpose_b=True)
+                below = dx.shape[1] - dh[layer].shape[1]
+                dh[layer - 1], dh[layer] = dh[layer - 1] + dx[:, :below], dx[:, below:]
+    dz = [tf.stack(d[::-1]) for d in dzs]
+    dstates = [s for h, c in zip(dh, dc, strict=True) for s in (h, c)]
+    dws = [_steps_matmul(ins, d) for (ins, _, _), d in zip(saved[1:], dz[1:], strict=True)]
+    dbs = [tf.reduce_sum(d, axis=[0, 1]) for d in dz[1:]]
+    return dz[0], dstates, _steps_matmul(saved[0][0], dz[0]), dws, dbs
+
+
+_stack_forward_xla = tf.function(_stack_forward, jit_compile=True)
+_stack_backward_xla = tf.function(_stack_backward, jit_compile=True)
+
+
+def lstm_stack_sequence(
+    xz: tf.Tensor, states: list[tf.Tensor], rk: tf.Tensor, ws: list[tf.Tensor], bs: list[tf.Tensor]
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """Stacked LSTM layers over layer 1's time-major input projections ``xz`` (see ``_stack_forward``): the top
+    layer's outputs and the last (h, c) of every layer, in layer order. Same math as ``lstm_sequence`` per layer."""
+    n_states, n_ws = len(states), len(ws)
+
+    @tf.custom_gradient
+    def run(xz, rk, *flat):
+        states, ws, bs = flat[:n_states], flat[n_states : n_states + n_ws], flat[n_states + n_ws :]
+        out, last, saved = _stack_forward_xla(xz, list(states), rk, list(ws), list(bs))
+
+        def grad(dout, *dlast):
+            dlast = [tf.zeros_like(s) if d is None else d for d, s in zip(dlast, last, strict=True)]
+            dxz, dstates, drk, dws, dbs = _stack_backward_xla(dout, dlast, rk, list(ws), saved)
+            return (dxz, drk, *dstates, *dws, *dbs)
+
+        return (out, *last), grad
+
+    out, *last = run(xz, rk, *states, *ws, *bs)
+    return out, last
 
 
 # --- GRU (Keras 3 default: reset_after, gate order z, r, h; bias = [input bias, recurrent bias]) ------------------
@@ -219,12 +315,15 @@ class _Fused:
             mask = mask[0]
         if sequences.shape[1] is None or not self.fusable(mask):  # the loops are unrolled: they need the length
             return super().inner_loop(sequences, initial_state, mask, training=training)
+        outputs, states = self.sequence(self.projections(sequences), [tf.convert_to_tensor(s) for s in initial_state])
+        return outputs[-1], tf.transpose(outputs, [1, 0, 2]), states
+
+    def projections(self, sequences: tf.Tensor) -> tf.Tensor:
+        """The input projections of all steps, plus the input bias, in one matmul: time-major (T, B, gates)."""
         steps = tf.transpose(sequences, [1, 0, 2])  # time-major: one row block per step
         shape = tf.shape(steps)
         xz = tf.matmul(tf.reshape(steps, [-1, shape[2]]), self.cell.kernel)
-        xz = tf.reshape(xz + self.input_bias(), [shape[0], shape[1], -1])
-        outputs, states = self.sequence(xz, [tf.convert_to_tensor(s) for s in initial_state])
-        return outputs[-1], tf.transpose(outputs, [1, 0, 2]), states
+        return tf.reshape(xz + self.input_bias(), [shape[0], shape[1], -1])
 
 
 @keras.saving.register_keras_serializable("rnnlab")
@@ -262,3 +361,62 @@ class FusedSimpleRNN(_Fused, keras.layers.SimpleRNN):
     def sequence(self, xz, states):
         out, h = rnn_sequence(xz, states[0], tf.convert_to_tensor(self.cell.recurrent_kernel))
         return out, [h]
+
+
+@keras.saving.register_keras_serializable("rnnlab")
+class FusedLSTMStack(keras.layers.Layer):
+    """Stacked ``FusedLSTM`` layers (no dropout between them) trained by ``lstm_stack_sequence``: one loop for all
+    layers, so that layer l's step t runs beside layer l-1's step t+1 (about 7% less time for PTB-small's two
+    layers' forward and backward on an AVX2 CPU, 18% with AVX-512; README, Speed). The layers keep their own
+    weights, states and names inside it; where the fused loop does not apply they run one after the other."""
+
+    def __init__(self, stack: list, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.stack = [
+            keras.saving.deserialize_keras_object(layer) if isinstance(layer, dict) else layer for layer in stack
+        ]
+
+    @property
+    def stateful(self) -> bool:
+        return all(layer.stateful for layer in self.stack)
+
+    def reset_states(self) -> None:
+        for layer in self.stack:
+            layer.reset_states()
+
+    def build(self, input_shape: tuple) -> None:
+        for layer in self.stack:
+            layer.build(input_shape)
+            input_shape = (*input_shape[:-1], layer.units)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], self.stack[-1].units)
+
+    def fusable(self, inputs: Any) -> bool:
+        return inputs.shape[1] is not None and all(
+            type(layer) is FusedLSTM and layer.return_sequences and layer.fusable(None) for layer in self.stack
+        )
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if not self.fusable(inputs):
+            for layer in self.stack:
+                inputs = layer(inputs, training=training)
+            return inputs
+        batch = tf.shape(inputs)[0]
+        initial = [layer.states if layer.stateful else layer.get_initial_state(batch) for layer in self.stack]
+        cells = [layer.cell for layer in self.stack]
+        out, last = lstm_stack_sequence(
+            self.stack[0].projections(inputs),
+            [tf.convert_to_tensor(s) for states in initial for s in states],
+            tf.convert_to_tensor(cells[0].recurrent_kernel),
+            [tf.concat([cell.kernel, cell.recurrent_kernel], axis=0) for cell in cells[1:]],
+            [tf.convert_to_tensor(cell.bias) for cell in cells[1:]],
+        )
+        for i, layer in enumerate(self.stack):
+            if layer.stateful:
+                layer.states[0].assign(last[2 * i])
+                layer.states[1].assign(last[2 * i + 1])
+        return tf.transpose(out, [1, 0, 2])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "stack": [keras.saving.serialize_keras_object(layer) for layer in self.stack]}

@@ -248,7 +248,12 @@ def output_head(x: keras.KerasTensor, meta: dict[str, Any], head: str | None) ->
 
 
 def build_language_model(
-    cfg: Any, meta: dict[str, Any], batch_size: int | None = None, precision: str = "float32", fused: bool = False
+    cfg: Any,
+    meta: dict[str, Any],
+    batch_size: int | None = None,
+    precision: str = "float32",
+    fused: bool = False,
+    wavefront: bool = False,
 ) -> keras.Model:
     """Embedding -> dropout -> ``layers`` x (recurrent layer -> dropout) -> logits over the vocabulary, every step.
 
@@ -256,7 +261,9 @@ def build_language_model(
     (truncated back-propagation through time), which needs a fixed batch. Without it the model reads whole
     sequences of any length and batch from a zero state: the form logged to MLflow and used for generation.
     ``bfloat16_grad`` changes only training, so only the stateful model uses ``Bfloat16GradDense``; ``fused``
-    (``trainer.kernels``) likewise only trains the stateful model with ``pipeline.kernels``' recurrent layers.
+    (``trainer.kernels``) likewise only trains the stateful model with ``pipeline.kernels``' recurrent layers, and
+    ``wavefront`` (``trainer.wavefront``) runs its stacked LSTM layers, when no dropout separates them, as one
+    ``kernels.FusedLSTMStack`` (the same layers and weights, in the same order).
     """
     if cfg.bidirectional:
         raise ValueError(
@@ -275,11 +282,16 @@ def build_language_model(
     )(inputs)
     if cfg.dropout:
         x = keras.layers.Dropout(cfg.dropout, name="dropout_0", dtype=body)(x)
-    for i in range(cfg.layers):
-        fuse = fused and stateful
-        x = recurrent_layer(cfg, True, f"{cells.prefix(cfg.cell)}_{i + 1}", stateful=stateful, dtype=body, fused=fuse)(
-            x
-        )
+    prefix = cells.prefix(cfg.cell)
+    fuse = fused and stateful
+    layers = [
+        recurrent_layer(cfg, True, f"{prefix}_{i + 1}", stateful=stateful, dtype=body, fused=fuse)
+        for i in range(cfg.layers)
+    ]
+    if wavefront and len(layers) > 1 and not cfg.dropout and all(type(la) is kernels.FusedLSTM for la in layers):
+        layers = [kernels.FusedLSTMStack(layers, dtype=body, name=f"{prefix}_stack")]
+    for i, layer in enumerate(layers):
+        x = layer(x)
         if cfg.dropout:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i + 1}", dtype=body)(x)
     dense_init = initializers(cfg)

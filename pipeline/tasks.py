@@ -20,7 +20,7 @@ import tensorflow as tf
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline import cells, models, xla_cache
+from pipeline import cells, kernels, models, xla_cache
 from pipeline.data import Dataset
 from pipeline.sampling import generate
 
@@ -116,6 +116,9 @@ class Task:
         cell = self.cfg.model.cell
         if self.kernels == "fused" and cells.get(cell).fused is None:
             return f"fused, Keras' loop for {cell} (it has no fused kernel)"
+        layers = self.model.layers if self.model is not None else []
+        if any(isinstance(layer, kernels.FusedLSTMStack) for layer in layers):
+            return "fused, the LSTM layers as one wavefront"
         return self.kernels
 
     # --- hooks -------------------------------------------------------------------------------------------------
@@ -332,7 +335,8 @@ class LanguageModel(Task):
     def build(self) -> keras.Model:
         fused = self.kernels == "fused"
         meta = self.dataset.meta
-        model = models.build_language_model(self.cfg.model, meta, self.batch_size, self.precision, fused)
+        wavefront = self.cfg.trainer.wavefront
+        model = models.build_language_model(self.cfg.model, meta, self.batch_size, self.precision, fused, wavefront)
         return self.compile(model, models.SequenceLoss(self.steps, fused=fused), [])
 
     def train_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,8 @@
 gradients against the reference within float32 rounding (stated tolerances), the same training steps, and Keras'
 own loop wherever they do not apply."""
 
+from typing import Any
+
 import keras
 import numpy as np
 import pytest
@@ -110,13 +112,14 @@ def test_fused_layer_falls_back_to_keras_loop_where_it_does_not_apply():
     assert fused.fusable(None)
 
 
-def lm_pair(cell: str) -> tuple[keras.Model, keras.Model]:
-    """The same 2-layer stateful language model (batch 2) built with Keras' layers and loss and with the fused ones,
-    compiled for training, from the same weights."""
+def lm_pair(cell: str, wavefront: bool = False, **model: Any) -> tuple[keras.Model, keras.Model]:
+    """The same stateful language model (2 layers unless ``model`` says otherwise; batch 2) built with Keras' layers
+    and loss and with the fused ones, compiled for training, from the same weights."""
     built = []
     for fused in (False, True):
         keras.utils.set_random_seed(0)
-        lm = models.build_language_model(lm_cfg(cell=cell), LM_META, batch_size=2, fused=fused)
+        cfg = lm_cfg(cell=cell, **model)
+        lm = models.build_language_model(cfg, LM_META, batch_size=2, fused=fused, wavefront=fused and wavefront)
         lm.compile(optimizer=keras.optimizers.SGD(1.0, global_clipnorm=5.0), loss=models.SequenceLoss(4, fused=fused))
         built.append(lm)
     return built[0], built[1]
@@ -151,6 +154,87 @@ def test_fused_language_model_checkpoints_and_exports_plain_keras(tmp_path):
     exported.set_weights(fused.get_weights())
     models.reset_states(fused)
     np.testing.assert_allclose(exported(tokens), fused(tokens), **OUT_TOL)
+
+
+def test_wavefront_computes_what_the_layers_compute_one_after_another():
+    """Three stacked layers (the loop is written for any number) in one wavefront against three ``lstm_sequence``
+    calls: outputs, every layer's last state, and the gradients into the inputs, the states and every weight."""
+    rng = np.random.default_rng(7)
+    steps, batch, units = 6, 3, 5
+    w = lambda *shape: tf.constant(rng.uniform(-0.5, 0.5, shape), tf.float32)  # noqa: E731
+    xz, states = w(steps, batch, 4 * units), [w(batch, units) for _ in range(6)]
+    rks = [w(units, 4 * units) for _ in range(3)]
+    kernels_, biases = [w(units, 4 * units) for _ in range(2)], [w(4 * units) for _ in range(2)]
+    upstream = [w(steps, batch, units), *[w(batch, units) for _ in range(6)]]  # gradients into every output
+    inputs = [xz, *states, *rks, *kernels_, *biases]
+
+    def weighted(outputs):
+        return sum(tf.reduce_sum(o * u) for o, u in zip(outputs, upstream, strict=True))
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(inputs)
+        stacked = [tf.concat([k, rk], axis=0) for k, rk in zip(kernels_, rks[1:], strict=True)]
+        out, last = kernels.lstm_stack_sequence(xz, states, rks[0], stacked, biases)
+        ours = weighted([out, *last])
+        seq, reference_last = xz, []
+        for layer in range(3):
+            if layer:
+                flat = tf.reshape(seq, [-1, units]) @ kernels_[layer - 1] + biases[layer - 1]
+                seq = tf.reshape(flat, [steps, batch, -1])
+            seq, h, c = kernels.lstm_sequence(seq, states[2 * layer], states[2 * layer + 1], rks[layer])
+            reference_last += [h, c]
+        reference = weighted([seq, *reference_last])
+    np.testing.assert_allclose(out, seq, **OUT_TOL)
+    for a, b in zip(last, reference_last, strict=True):
+        np.testing.assert_allclose(a, b, **OUT_TOL)
+    for a, b in zip(tape.gradient(ours, inputs), tape.gradient(reference, inputs), strict=True):
+        assert float(tf.reduce_max(tf.abs(b))) > 0  # every input matters: the comparison can fail
+        np.testing.assert_allclose(a, b, **GRAD_TOL)
+
+
+def test_wavefront_language_model_trains_the_same_steps_as_keras():
+    reference, fused = lm_pair("lstm", wavefront=True)
+    stack = fused.get_layer("lstm_stack")
+    assert isinstance(stack, kernels.FusedLSTMStack) and [la.name for la in stack.stack] == ["lstm_1", "lstm_2"]
+    for a, b in zip(reference.get_weights(), fused.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same weights in the same order: the export copies them
+    rng = np.random.default_rng(3)
+    windows = [(rng.integers(1, 20, (2, 4)), rng.integers(1, 20, (2, 4))) for _ in range(5)]
+    losses = {}
+    for name, lm in (("keras", reference), ("fused", fused)):
+        losses[name] = [float(lm.train_on_batch(x, y)) for x, y in windows]  # state carried across windows
+    np.testing.assert_allclose(losses["fused"], losses["keras"], rtol=1e-5)
+    for layer in ("lstm_1", "lstm_2"):  # the carried states, each layer's own
+        for a, b in zip(reference.get_layer(layer).states, stack.stack[int(layer[-1]) - 1].states, strict=True):
+            np.testing.assert_allclose(b, a, **OUT_TOL)
+    models.reset_states(fused)
+    assert all(not np.any(s.numpy()) for layer in stack.stack for s in layer.states)
+    for a, b in zip(reference.get_weights(), fused.get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-5)
+
+
+def test_wavefront_language_model_resumes_and_exports_plain_keras(tmp_path):
+    _, fused = lm_pair("lstm", wavefront=True)
+    tokens, targets = np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), np.array([[2, 3, 4, 5], [6, 7, 8, 9]])
+    fused.train_on_batch(tokens, targets)
+    fused.save(tmp_path / "checkpoint.keras")
+    reloaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    assert isinstance(reloaded.get_layer("lstm_stack"), kernels.FusedLSTMStack)
+    models.reset_states(fused)  # a checkpoint is taken between epochs, whose first window starts from zero states
+    np.testing.assert_allclose(reloaded.train_on_batch(tokens, targets), fused.train_on_batch(tokens, targets))
+    exported = models.build_language_model(lm_cfg(), LM_META)
+    exported.set_weights(fused.get_weights())
+    models.reset_states(fused)
+    np.testing.assert_allclose(exported(tokens), fused(tokens), **OUT_TOL)
+
+
+@pytest.mark.parametrize(
+    "model", [{"dropout": 0.2}, {"layers": 1}, {"cell": "gru"}], ids=["dropout", "one_layer", "gru"]
+)
+def test_wavefront_applies_to_stacked_lstm_layers_without_dropout_only(model):
+    lm = models.build_language_model(lm_cfg(**model), LM_META, batch_size=2, fused=True, wavefront=True)
+    assert not any(isinstance(layer, kernels.FusedLSTMStack) for layer in lm.layers)
+    assert lm.get_layer(f"{cells.prefix(model.get('cell', 'lstm'))}_1").stateful
 
 
 def test_kernels_follow_the_machine_and_the_task(monkeypatch, make_cfg):
