@@ -28,6 +28,7 @@ CASES = {  # case name -> the preset, and overrides; bench.cases picks which run
     "ptb_small_lstm": ("ptb_small",),  # as the preset trains: precision auto
     "ptb_small_lstm_float32": ("ptb_small", "trainer.precision=float32"),
     "ptb_small_lstm_keras_kernels": ("ptb_small", "trainer.kernels=keras"),  # Keras' loops and loss: the lever's gain
+    "ptb_small_lstm_layerwise": ("ptb_small", "trainer.wavefront=false"),  # the fused layers one after another
     "ptb_small_lstm_bf16_output": ("ptb_small", "trainer.precision=bfloat16_output"),  # the whole output layer
     "imdb_lstm": ("imdb_lstm",),
     "mnist_lstm": ("mnist_lstm",),

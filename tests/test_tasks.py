@@ -126,6 +126,7 @@ def test_language_model_training_logs_perplexity_samples_and_a_vocabulary(traine
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
     run_id = result["run_id"]
     assert client.get_run(run_id).data.tags["precision"] == "bfloat16_grad"
+    assert client.get_run(run_id).data.tags["kernels"] == "fused, the LSTM layers as one wavefront"  # two layers
     names = {a.path for a in client.list_artifacts(run_id, "samples")}
     assert names == {f"samples/epoch_{e:03d}.txt" for e in (1, 2, 3)}
     assert {a.path for a in client.list_artifacts(run_id)} >= {"vocab.txt", "config.yaml"}
@@ -142,12 +143,15 @@ def test_language_model_training_logs_perplexity_samples_and_a_vocabulary(traine
     assert type(logged.get_layer("logits")) is keras.layers.Dense  # bfloat16 gradients are a training detail
 
 
-def test_a_float32_language_model_learns_the_stream_too(tiny_ptb, tmp_path):
-    cfg = tiny_ptb("trainer.precision=float32", "trainer.epochs=2", "tracking.log_model=false")
+def test_a_float32_language_model_learns_the_stream_too_layer_by_layer(tiny_ptb, tmp_path):
+    cfg = tiny_ptb(
+        "trainer.precision=float32", "trainer.epochs=2", "tracking.log_model=false", "trainer.wavefront=false"
+    )
     result = train.run(cfg)
     assert result["history"][-1]["val/perplexity"] < 1.5  # the periodic stream is learnt either way
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(result["run_id"])
     assert run.data.tags["precision"] == "float32"
+    assert run.data.tags["kernels"] == "fused"  # the two layers one after another
 
 
 def test_a_diverged_language_model_fails_instead_of_finishing(tiny_ptb, tmp_path):
