@@ -394,10 +394,16 @@ class FusedLSTMStack(keras.layers.Layer):
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.stack[-1].units)
 
-    def fusable(self, inputs: Any) -> bool:
-        return inputs.shape[1] is not None and all(
-            type(layer) is FusedLSTM and layer.return_sequences and layer.fusable(None) for layer in self.stack
+    @staticmethod
+    def takes(layers: list[keras.layers.Layer]) -> bool:
+        """Whether these layers can train as one wavefront: two or more ``FusedLSTM`` layers returning sequences,
+        each with the settings its fused loop implements (no recurrent dropout, float32, Keras' activations)."""
+        return len(layers) > 1 and all(
+            type(layer) is FusedLSTM and layer.return_sequences and layer.fusable(None) for layer in layers
         )
+
+    def fusable(self, inputs: Any) -> bool:
+        return inputs.shape[1] is not None and self.takes(self.stack)
 
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         if not self.fusable(inputs):

@@ -288,7 +288,7 @@ def build_language_model(
         recurrent_layer(cfg, True, f"{prefix}_{i + 1}", stateful=stateful, dtype=body, fused=fuse)
         for i in range(cfg.layers)
     ]
-    if wavefront and len(layers) > 1 and not cfg.dropout and all(type(la) is kernels.FusedLSTM for la in layers):
+    if wavefront and not cfg.dropout and kernels.FusedLSTMStack.takes(layers):
         layers = [kernels.FusedLSTMStack(layers, dtype=body, name=f"{prefix}_stack")]
     for i, layer in enumerate(layers):
         x = layer(x)

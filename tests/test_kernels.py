@@ -229,7 +229,9 @@ def test_wavefront_language_model_resumes_and_exports_plain_keras(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model", [{"dropout": 0.2}, {"layers": 1}, {"cell": "gru"}], ids=["dropout", "one_layer", "gru"]
+    "model",
+    [{"dropout": 0.2}, {"recurrent_dropout": 0.2}, {"layers": 1}, {"cell": "gru"}],
+    ids=["dropout", "recurrent_dropout", "one_layer", "gru"],
 )
 def test_wavefront_applies_to_stacked_lstm_layers_without_dropout_only(model):
     lm = models.build_language_model(lm_cfg(**model), LM_META, batch_size=2, fused=True, wavefront=True)
