@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import cells, kernels, models, xla_cache
 from pipeline.data import Dataset
-from pipeline.sampling import generate
+from pipeline.sampling import Pick, continuations
 
 log = logging.getLogger(__name__)
 
@@ -378,8 +378,7 @@ class LanguageModel(Task):
         if not words:
             return {}
         model, vocab = self.export_model(), self.dataset.vocab
-        greedy = generate(model, vocab, SAMPLE_PRIME, words, strategy="greedy")
-        sampled = generate(model, vocab, SAMPLE_PRIME, words, strategy="sample", seed=epoch)
+        greedy, sampled = continuations(model, vocab, SAMPLE_PRIME, words, [Pick("greedy"), Pick("sample", seed=epoch)])
         text = f"greedy: {SAMPLE_PRIME} {' '.join(greedy)}\nsample: {SAMPLE_PRIME} {' '.join(sampled)}\n"
         return {f"samples/epoch_{epoch + 1:03d}.txt": text}
 

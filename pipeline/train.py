@@ -9,6 +9,8 @@ python -m pipeline.train experiment=ptb_small trainer.resume=true    # continue 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import math
 import shlex
@@ -430,6 +432,9 @@ def cli() -> None:
         sys.argv = [sys.argv[0], *sweep.expand_seeds(sys.argv[1:])]
     except sweep.SweepError as err:
         sys.exit(f"error: {err}")
+    # At exit Python's own garbage-collection passes walked every object of the traced TensorFlow graphs: 1.7 s of
+    # each run (2-core EPYC). Frozen, they are left to the OS; the exit handlers (logs, MLflow) still run first.
+    atexit.register(gc.freeze)
     interrupts = tracking.Interrupts()
     with sigterm_as_interrupt(interrupts):  # a sweep's own process: launchers' workers are stopped on the way out
         try:

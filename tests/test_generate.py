@@ -60,6 +60,12 @@ def test_generate_from_an_mlflow_run(trained_lm, caplog):
     for seed in (0, 1):
         words = sampling.generate(model, VOCAB, "the company said", 7, "sample", temperature=0.0, seed=seed)
         assert "the company said " + " ".join(words) == greedy
+    # Several continuations as rows of one batch (training's greedy and sampled samples): each as it is alone.
+    picks = [sampling.Pick("greedy"), sampling.Pick("sample", seed=3), sampling.Pick("sample", 2.0, seed=4)]
+    prime = "the company said"
+    rows = sampling.continuations(model, VOCAB, prime, 7, picks)
+    alone = [sampling.generate(model, VOCAB, prime, 7, p.strategy, p.temperature, seed=p.seed) for p in picks]
+    assert rows == alone and "the company said " + " ".join(rows[0]) == greedy and len(set(map(tuple, rows))) > 1
     # By model URI too, sampled and seeded; an unknown prime word becomes <unk> with a warning, not a crash.
     cfg.run_id, cfg.model_uri = None, result["model_uri"]
     cfg.strategy, cfg.prime, cfg.seed = "sample", "the zebra said", 3

@@ -416,7 +416,7 @@ class Tracker:
         vocabulary); return its model URI. Needs the run active in MLflow (``start_run`` makes it so)."""
         if not self.enabled:
             return None
-        signature = infer_signature(example, model.predict(example, verbose=0))
+        signature = infer_signature(example, np.asarray(model(example, training=False)))  # predict() traces: 0.5 s
         with self._write("logging the model"):
             for path in extra_files or []:
                 self.client.log_artifact(self.run_id, path)
