@@ -9,7 +9,6 @@ python -m pipeline.train experiment=ptb_small trainer.resume=true    # continue 
 
 from __future__ import annotations
 
-import atexit
 import gc
 import logging
 import math
@@ -432,14 +431,14 @@ def cli() -> None:
         sys.argv = [sys.argv[0], *sweep.expand_seeds(sys.argv[1:])]
     except sweep.SweepError as err:
         sys.exit(f"error: {err}")
-    # At exit Python's own garbage-collection passes walked every object of the traced TensorFlow graphs: 1.7 s of
-    # each run (2-core EPYC). Frozen, they are left to the OS. Registered last, this runs first of the exit handlers;
-    # the others (logging's flush, MLflow's) still run after it, unaffected.
-    atexit.register(gc.freeze)
     interrupts = tracking.Interrupts()
     with sigterm_as_interrupt(interrupts):  # a sweep's own process: launchers' workers are stopped on the way out
         try:
             main()
+            # At exit Python's garbage-collection passes walked every object of the traced TensorFlow graphs: 1.7 s of
+            # each run (2-core EPYC). Frozen, they are left to the OS; the exit handlers (logging's flush, MLflow's)
+            # still run. Only after a clean finish: a stopped run's live input threads are torn down as usual.
+            gc.freeze()
         except KeyboardInterrupt as err:
             if stuck := sweep.stuck_reason():  # the SLURM watch cancelled jobs that could never start
                 log.error("sweep FAILED: %s", stuck)
