@@ -124,17 +124,18 @@ def recurrent_layer(
     stateful: bool = False,
     dtype: str | None = None,
     fused: bool = False,
+    unroll: bool = True,
 ) -> keras.layers.Layer:
     """One recurrent layer of ``cfg.cell`` (see ``pipeline.cells``), bidirectional if asked. ``cfg.unroll`` is ignored
-    on a GPU: an unrolled layer cannot use the cuDNN kernel. ``fused``: the layer trains with the cell's fused kernel
-    (same weights) when it has one, else with Keras' loop."""
+    on a GPU (an unrolled layer cannot use the cuDNN kernel) and where ``unroll`` is false. ``fused``: the layer
+    trains with the cell's fused kernel (same weights) when it has one, else with Keras' loop."""
     cell = cells.get(cfg.cell)
     cls = (fused and cell.fused_class()) or cell.keras_class()
     settings = {"recurrent_dropout": cfg.recurrent_dropout, **initializers(cfg)}
     common = {
         "return_sequences": return_sequences,
         "stateful": stateful,
-        "unroll": bool(cfg.get("unroll")) and not gpu_available(),
+        "unroll": unroll and bool(cfg.get("unroll")) and not gpu_available(),
         "dtype": dtype,
         "name": name,
     }
@@ -285,7 +286,8 @@ def build_language_model(
     prefix = cells.prefix(cfg.cell)
     fuse = fused and stateful
     layers = [
-        recurrent_layer(cfg, True, f"{prefix}_{i + 1}", stateful=stateful, dtype=body, fused=fuse)
+        # Stateless, it reads any length, in a graph too (sampling traces it once): unrolling needs a fixed one.
+        recurrent_layer(cfg, True, f"{prefix}_{i + 1}", stateful=stateful, dtype=body, fused=fuse, unroll=stateful)
         for i in range(cfg.layers)
     ]
     if wavefront and not cfg.dropout and kernels.FusedLSTMStack.takes(layers):

@@ -327,6 +327,7 @@ class LanguageModel(Task):
 
     def __init__(self, cfg: DictConfig, dataset: Dataset, build: bool = True):
         self.steps = cfg.trainer.bptt_steps
+        self.exported: keras.Model | None = None  # export_model's stateless copy, built at its first call
         super().__init__(cfg, dataset, build)
         self._windows = {
             split: lm_windows(s["ids"], self.batch_size, self.steps) for split, s in dataset.splits.items()
@@ -383,10 +384,12 @@ class LanguageModel(Task):
         return {f"samples/epoch_{epoch + 1:03d}.txt": text}
 
     def export_model(self) -> keras.Model:
-        """A stateless copy with the trained weights: any batch, any length, starting from a zero state."""
-        model = models.build_language_model(self.cfg.model, self.dataset.meta, precision=self.precision)
-        model.set_weights(self.model.get_weights())
-        return model
+        """A stateless copy with the trained weights: any batch, any length, starting from a zero state. Built once
+        and given the current weights at every call, so that its traced sampling graph serves every epoch."""
+        if self.exported is None:
+            self.exported = models.build_language_model(self.cfg.model, self.dataset.meta, precision=self.precision)
+        self.exported.set_weights(self.model.get_weights())
+        return self.exported
 
     def example(self) -> np.ndarray:
         return self.dataset.splits["test"]["ids"][: 2 * self.steps].reshape(2, self.steps)

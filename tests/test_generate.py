@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -74,6 +75,19 @@ def test_generate_from_an_mlflow_run(trained_lm, caplog):
     assert "zebra" in caplog.text and "<unk>" in caplog.text
     assert first.startswith("the zebra said ") and len(first.split()) == 3 + 7
     assert generate.run(cfg) == first
+
+
+def test_last_logits_traced_once_or_eager_for_a_fixed_length_model():
+    keras.utils.set_random_seed(0)
+    ids = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int32)
+    for unroll in (False, True):  # an unrolled layer cannot be traced for any length: it runs eagerly
+        inputs = keras.Input((None,), dtype="int32")
+        lstm = keras.layers.LSTM(6, return_sequences=True, unroll=unroll)(keras.layers.Embedding(20, 4)(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(20)(lstm))
+        last = sampling.last_logits(model)
+        assert sampling.last_logits(model) is last  # kept for the model's life: one trace for every call
+        for n in (5, 2):
+            np.testing.assert_allclose(last(ids[:, :n]), np.asarray(model(ids[:, :n]))[:, -1], atol=1e-6)
 
 
 def make_run(client: MlflowClient, root, dataset: str, kind: str | None, vocab=False, parent=False) -> str:

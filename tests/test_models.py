@@ -129,12 +129,21 @@ def test_sequence_loss_is_the_per_token_loss_times_the_steps():
 
 def test_unrolled_layers_compute_the_same_function():
     keras.utils.set_random_seed(0)
-    rolled = models.build_language_model(lm_cfg(), LM_META)
-    unrolled = models.build_language_model(lm_cfg(unroll=True), LM_META)
+    rolled = models.build_language_model(lm_cfg(), LM_META, batch_size=1)
+    unrolled = models.build_language_model(lm_cfg(unroll=True), LM_META, batch_size=1)
     assert unrolled.get_layer("lstm_1").unroll and not rolled.get_layer("lstm_1").unroll
     unrolled.set_weights(rolled.get_weights())
     tokens = np.array([[3, 1, 4, 1, 5]])
     np.testing.assert_allclose(unrolled(tokens), rolled(tokens), atol=1e-5)
+
+
+def test_the_stateless_language_model_reads_any_length_in_a_graph():
+    # Unrolling is for training's fixed windows; the exported model is traced once for every length (sampling).
+    stateless = models.build_language_model(lm_cfg(unroll=True), LM_META)
+    assert not stateless.get_layer("lstm_1").unroll
+    traced = tf.function(stateless, input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    for length in (1, 4, 9):
+        assert traced(np.zeros((2, length), np.int32)).shape == (2, length, LM_META["vocab_size"])
 
 
 # --- Precision ---------------------------------------------------------------------------------------------------
