@@ -99,8 +99,9 @@ def last_logits(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     while the model lives): called eagerly, every word paid Keras' per-call overhead, 20 words of PTB-small 1.0 s
     against 0.3. A model that needs a fixed length (an unrolled layer: older logged models) is called eagerly."""
     if model not in _TRACED:
+        ref = weakref.ref(model)  # the kept function must not keep its key (the model) alive
         traced = tf.function(
-            lambda ids: model(ids, training=False)[:, -1],
+            lambda ids: ref()(ids, training=False)[:, -1],
             input_signature=[tf.TensorSpec([None, None], tf.int32)],
             autograph=False,
         )
@@ -108,5 +109,5 @@ def last_logits(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
             traced.get_concrete_function()
             _TRACED[model] = lambda ids: traced(ids).numpy()
         except ValueError:  # "Cannot unroll a RNN if the time dimension is undefined"
-            _TRACED[model] = lambda ids: np.asarray(model(ids, training=False))[:, -1]
+            _TRACED[model] = lambda ids: np.asarray(ref()(ids, training=False))[:, -1]
     return _TRACED[model]

@@ -1,10 +1,12 @@
 """Text generation: the sampling rules on hand-made logits, then from a model logged to MLflow, then the mistakes a
 user can make (bad values, a wrong run), each refused with one line."""
 
+import gc
 import logging
 import os
 import subprocess
 import sys
+import weakref
 
 import keras
 import numpy as np
@@ -88,6 +90,10 @@ def test_last_logits_traced_once_or_eager_for_a_fixed_length_model():
         assert sampling.last_logits(model) is last  # kept for the model's life: one trace for every call
         for n in (5, 2):
             np.testing.assert_allclose(last(ids[:, :n]), np.asarray(model(ids[:, :n]))[:, -1], atol=1e-6)
+        gone = weakref.ref(model)
+        del model, last
+        gc.collect()
+        assert gone() is None  # the kept function does not keep its model (its key) alive
 
 
 def make_run(client: MlflowClient, root, dataset: str, kind: str | None, vocab=False, parent=False) -> str:
