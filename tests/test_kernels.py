@@ -192,6 +192,51 @@ def test_wavefront_computes_what_the_layers_compute_one_after_another():
         np.testing.assert_allclose(a, b, **GRAD_TOL)
 
 
+@pytest.mark.parametrize(
+    ("loop", "shapes", "per_step"),
+    [
+        pytest.param(kernels._stack_forward_xla, "stack", 3 * 2, id="lstm-wavefront"),  # sigmoid, tanh g, tanh c
+        pytest.param(kernels._lstm_forward_xla, "lstm", 3, id="lstm"),
+        pytest.param(kernels._gru_forward_xla, "gru", 2, id="gru"),  # sigmoid (z, r), tanh
+    ],
+)
+def test_unrolled_loops_lower_few_transcendental_ops_per_step(loop, shapes, per_step):
+    """Every process lowers the unrolled loops to XLA at its first step, about 5 ms per sigmoid or tanh op: one
+    sigmoid op per step serves all of a cell's sigmoid gates."""
+    steps, batch, units = 7, 2, 3
+    z = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
+    state, xz = z(batch, units), z(steps, batch, 4 * units)
+    args = {
+        "stack": (xz, [state] * 4, z(units, 4 * units), [z(2 * units, 4 * units)], [z(4 * units)]),
+        "lstm": (xz, state, state, z(units, 4 * units)),
+        "gru": (z(steps, batch, 3 * units), state, z(units, 3 * units), z(3 * units)),
+    }[shapes]
+    ops = [op.type for op in loop.get_concrete_function(*args).graph.get_operations()]
+    assert sum(t in ("Sigmoid", "Tanh", "Exp") for t in ops) == per_step * steps
+
+
+@pytest.mark.parametrize("shapes", ["stack", "lstm", "gru", "rnn"])
+def test_backward_loops_take_their_steps_from_one_unstack(shapes):
+    """A backward loop's per-step slices come from one ``tf.unstack`` per tensor, not one index op per step."""
+    steps, batch, units = 7, 2, 3
+    z = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
+    seq, state = lambda width: z(steps, batch, width), z(batch, units)  # noqa: E731
+    loop, args = {
+        "stack": (
+            kernels._stack_backward_xla,
+            (seq(units), [state] * 4, z(units, 4 * units), [z(2 * units, 4 * units)],
+             [[seq(units), seq(units), seq(5 * units)], [seq(2 * units), seq(units), seq(5 * units)]]),
+        ),
+        "lstm": (kernels._lstm_backward_xla, (seq(units), state, state, z(units, 4 * units), seq(units),
+                                              seq(units), seq(5 * units))),
+        "gru": (kernels._gru_backward_xla, (seq(units), state, z(units, 3 * units), seq(units), seq(4 * units))),
+        "rnn": (kernels._rnn_backward_xla, (seq(units), state, z(units, units), seq(units), seq(units))),
+    }[shapes]  # fmt: skip
+    ops = [op.type for op in loop.get_concrete_function(*args).graph.get_operations()]
+    assert "StridedSlice" not in ops
+    assert ops.count("Unpack") >= 1
+
+
 def test_wavefront_language_model_trains_the_same_steps_as_keras():
     reference, fused = lm_pair("lstm", wavefront=True)
     stack = fused.get_layer("lstm_stack")
