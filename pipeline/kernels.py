@@ -224,10 +224,9 @@ def lstm_stack_sequence(
 
 # --- GRU (Keras 3 default: reset_after, gate order z, r, h; bias = [input bias, recurrent bias]) ------------------
 def _gru_forward(xz, h, rk, rb):
-    hs, saved = [], []
+    hs, saved, units = [], [], h.shape[1]
     for xt in tf.unstack(xz):
         hs.append(h)
-        units = h.shape[1]
         xzr, xh = tf.split(xt, [2 * units, units], axis=1)
         rzr, rh = tf.split(tf.matmul(h, rk) + rb, [2 * units, units], axis=1)
         z, r = tf.split(tf.sigmoid(xzr + rzr), 2, axis=1)  # one sigmoid op for both gates (see _xla)

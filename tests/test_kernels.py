@@ -192,6 +192,18 @@ def test_wavefront_computes_what_the_layers_compute_one_after_another():
         np.testing.assert_allclose(a, b, **GRAD_TOL)
 
 
+STEPS, BATCH, UNITS = 7, 2, 3  # shapes of the traced loops below
+
+
+def spec(*shape: int) -> tf.TensorSpec:
+    return tf.TensorSpec(shape, tf.float32)
+
+
+def traced_ops(loop: Any, args: tuple) -> list[str]:
+    """The op types of ``loop``'s graph traced for ``args`` (specs): what XLA lowers at a process's first step."""
+    return [op.type for op in loop.get_concrete_function(*args).graph.get_operations()]
+
+
 @pytest.mark.parametrize(
     ("loop", "shapes", "per_step"),
     [
@@ -203,36 +215,32 @@ def test_wavefront_computes_what_the_layers_compute_one_after_another():
 def test_unrolled_loops_lower_few_transcendental_ops_per_step(loop, shapes, per_step):
     """Every process lowers the unrolled loops to XLA at its first step, about 5 ms per sigmoid or tanh op: one
     sigmoid op per step serves all of a cell's sigmoid gates."""
-    steps, batch, units = 7, 2, 3
-    z = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
-    state, xz = z(batch, units), z(steps, batch, 4 * units)
+    u, state, xz = UNITS, spec(BATCH, UNITS), spec(STEPS, BATCH, 4 * UNITS)
     args = {
-        "stack": (xz, [state] * 4, z(units, 4 * units), [z(2 * units, 4 * units)], [z(4 * units)]),
-        "lstm": (xz, state, state, z(units, 4 * units)),
-        "gru": (z(steps, batch, 3 * units), state, z(units, 3 * units), z(3 * units)),
+        "stack": (xz, [state] * 4, spec(u, 4 * u), [spec(2 * u, 4 * u)], [spec(4 * u)]),
+        "lstm": (xz, state, state, spec(u, 4 * u)),
+        "gru": (spec(STEPS, BATCH, 3 * u), state, spec(u, 3 * u), spec(3 * u)),
     }[shapes]
-    ops = [op.type for op in loop.get_concrete_function(*args).graph.get_operations()]
-    assert sum(t in ("Sigmoid", "Tanh", "Exp") for t in ops) == per_step * steps
+    ops = traced_ops(loop, args)
+    assert sum(t in ("Sigmoid", "Tanh", "Exp") for t in ops) == per_step * STEPS
 
 
 @pytest.mark.parametrize("shapes", ["stack", "lstm", "gru", "rnn"])
 def test_backward_loops_take_their_steps_from_one_unstack(shapes):
     """A backward loop's per-step slices come from one ``tf.unstack`` per tensor, not one index op per step."""
-    steps, batch, units = 7, 2, 3
-    z = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
-    seq, state = lambda width: z(steps, batch, width), z(batch, units)  # noqa: E731
+    u, state = UNITS, spec(BATCH, UNITS)
+    seq = lambda width: spec(STEPS, BATCH, width)  # noqa: E731
     loop, args = {
         "stack": (
             kernels._stack_backward_xla,
-            (seq(units), [state] * 4, z(units, 4 * units), [z(2 * units, 4 * units)],
-             [[seq(units), seq(units), seq(5 * units)], [seq(2 * units), seq(units), seq(5 * units)]]),
+            (seq(u), [state] * 4, spec(u, 4 * u), [spec(2 * u, 4 * u)],
+             [[seq(u), seq(u), seq(5 * u)], [seq(2 * u), seq(u), seq(5 * u)]]),
         ),
-        "lstm": (kernels._lstm_backward_xla, (seq(units), state, state, z(units, 4 * units), seq(units),
-                                              seq(units), seq(5 * units))),
-        "gru": (kernels._gru_backward_xla, (seq(units), state, z(units, 3 * units), seq(units), seq(4 * units))),
-        "rnn": (kernels._rnn_backward_xla, (seq(units), state, z(units, units), seq(units), seq(units))),
+        "lstm": (kernels._lstm_backward_xla, (seq(u), state, state, spec(u, 4 * u), seq(u), seq(u), seq(5 * u))),
+        "gru": (kernels._gru_backward_xla, (seq(u), state, spec(u, 3 * u), seq(u), seq(4 * u))),
+        "rnn": (kernels._rnn_backward_xla, (seq(u), state, spec(u, u), seq(u), seq(u))),
     }[shapes]  # fmt: skip
-    ops = [op.type for op in loop.get_concrete_function(*args).graph.get_operations()]
+    ops = traced_ops(loop, args)
     assert "StridedSlice" not in ops
     assert ops.count("Unpack") >= 1
 
