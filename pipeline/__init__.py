@@ -10,7 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
@@ -93,27 +93,64 @@ def filtered_stderr(level: int) -> Iterator[None]:
             proc.wait(timeout=10)
 
 
-class QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-    """Finds ``tensorflow`` once, as the normal finders do, and runs its import inside ``filtered_stderr``."""
+class OneImportInside(importlib.abc.MetaPathFinder):
+    """Finds one module once, as the normal finders do, and runs its import (submodules included) inside ``context``."""
+
+    def __init__(self, name: str, context: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.name, self.context = name, context
 
     def find_spec(
         self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if name != "tensorflow":
+        if name != self.name:
             return None
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(self)  # one import only; also keeps find_spec below from finding us again
-        spec, level = importlib.util.find_spec(name), tf_log_level()
-        if level > 0 and spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            load = spec.loader.exec_module
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            load, context = spec.loader.exec_module, self.context
 
             def exec_module(module: ModuleType) -> None:
-                with filtered_stderr(level):
+                with context():
                     load(module)
 
             spec.loader.exec_module = exec_module
         return spec
 
 
+@contextlib.contextmanager
+def quiet_import() -> Iterator[None]:
+    """TensorFlow's import with its C++ banner lines filtered out (``filtered_stderr``), at the level read now."""
+    level = tf_log_level()
+    with filtered_stderr(level) if level > 0 else contextlib.nullcontext():
+        yield
+
+
+# Packages Keras imports when they are installed, for features rnnlab never uses: scikit-learn for its
+# ``keras.wrappers`` estimators and Matplotlib for ``keras.visualization``'s image galleries. MLflow installs both.
+KERAS_EXTRAS = ("sklearn", "matplotlib")
+
+
+@contextlib.contextmanager
+def without_keras_extras() -> Iterator[None]:
+    """Keras' import with ``KERAS_EXTRAS`` failing to import, as if they were not installed.
+
+    Why: they are 1.2 s of every process's start (scikit-learn brings SciPy, which nothing else needs before a
+    comparison). Only while Keras loads: anything that imports them afterwards (the report's plots) gets them, and
+    in an rnnlab process ``keras.wrappers`` and ``keras.visualization`` say they are missing.
+    """
+    blocked = [name for name in KERAS_EXTRAS if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # None in sys.modules: importing it raises ImportError
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 if "tensorflow" not in sys.modules and tf_log_level() > 0:
-    sys.meta_path.insert(0, QuietTensorFlowImport())
+    sys.meta_path.insert(0, OneImportInside("tensorflow", quiet_import))
+if "keras" not in sys.modules:
+    sys.meta_path.insert(0, OneImportInside("keras", without_keras_extras))

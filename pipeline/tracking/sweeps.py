@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import compare, sweep
+from pipeline import sweep
 from pipeline.objective import of_runs
 from pipeline.redaction import redact, redact_file
 from pipeline.tracking.runs import (
@@ -115,6 +115,8 @@ def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
     """A sweep's FINISHED children aggregated over seeds (``pipeline.compare``), on its parent run: the table and
     headline as artifacts (``comparison/``), each configuration's test mean, std and 95% interval as metrics
     ``<label>/test_<metric>_mean`` etc., so the dashboard compares without the report. Returns the table."""
+    from pipeline import compare  # here, not above: its SciPy import would cost every training run 0.6 s
+
     experiment_id = client.get_run(parent_id).info.experiment_id
     mlflow.set_tracking_uri(client.tracking_uri)
     runs = mlflow.search_runs(
@@ -156,6 +158,8 @@ def log_comparison(client: MlflowClient, parent_id: str) -> pd.DataFrame | None:
 def log_tuning(client: MlflowClient, parent_id: str, runs: pd.DataFrame) -> None:
     """A search's parent: per study (cell) its trials, pruned trials, best trial and expected best of 1 and of all
     trials (``comparison/tuning.{csv,md}``, metrics ``<cell>/expected_best_at_<n>``), not a table of its trials."""
+    from pipeline import compare  # as in log_comparison
+
     objective = of_runs(compare.completed(runs))
     curves = metric_histories(client.tracking_uri, list(runs["run_id"]), [objective.val])
     summary = compare.tuning_summary(compare.trials(runs, curves, objective), objective)
