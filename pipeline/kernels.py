@@ -29,15 +29,42 @@ TINY = 1e-30  # probabilities below this take the exact, slower loss (float32 ke
 
 
 def _xla(fn):
-    """``fn`` compiled by XLA. Its loops run over Python lists and static ranges, so AutoGraph has nothing to
+    """``fn`` compiled by XLA. Its Python loops run over lists and static ranges, so AutoGraph has nothing to
     convert: skipping it saves rewriting about 90 functions at every process's first step.
 
-    Each process lowers the unrolled loops to XLA once, even when the compiled code comes from the compile cache
-    (its key is the lowered computation), and a sigmoid, tanh or exp op takes about 5 ms of that, five times an
-    add: so one sigmoid serves all of a step's sigmoid gates (the LSTM's g quarter is computed and dropped), and the
-    backward loops take their per-step slices from one ``tf.unstack`` rather than an index op each. Same results
-    bit for bit; PTB-small's first training call 3.3 -> 2.5 s."""
+    Each process lowers the loops to XLA once, even when the compiled code comes from the compile cache (its key is
+    the lowered computation), and a sigmoid, tanh or exp op takes about 5 ms of that, five times an add: so the
+    forward loops are XLA while loops (``_rolled``: one step's ops lowered once, not once per step), one sigmoid
+    serves all of a step's sigmoid gates (the LSTM's g quarter is computed and dropped), and the backward loops take
+    their per-step slices from one ``tf.unstack`` rather than an index op each. Same results bit for bit."""
     return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def _rolled(first: int, last: int, step: Any, carry: Any) -> Any:
+    """``carry = step(k, carry)`` for k in range(first, last), as one while loop that XLA lowers once (unrolled, the
+    forward loops' lowering was 0.7 s of PTB-small's first step, and their compiling without the cache 1.5 s).
+    A step reads its input with a dynamic index and writes what it keeps into TensorArrays; same arithmetic, same
+    results bit for bit, and the same speed per step."""
+    if last <= first:
+        return carry
+    _, carry = tf.while_loop(
+        lambda k, _: k < last,
+        lambda k, carry: (k + 1, step(k, carry)),
+        (tf.constant(first), carry),
+        maximum_iterations=last - first,
+    )
+    return carry
+
+
+def _untaped(loop: Any, *args: Any) -> Any:
+    """``loop(*args)`` unseen by any gradient tape: the custom gradients around it differentiate it, and a tape that
+    saw the call would ask the compiled loop for its intermediates, which XLA cannot hand out (its TensorArrays)."""
+    return loop(*tf.nest.map_structure(tf.stop_gradient, args))
+
+
+def _arrays(like: tf.Tensor, count: int) -> list[tf.TensorArray]:
+    """``count`` TensorArrays with a slot per step of the time-major ``like``."""
+    return [tf.TensorArray(like.dtype, size=like.shape[0]) for _ in range(count)]
 
 
 @tf.custom_gradient
@@ -82,14 +109,10 @@ def _lstm_gates(z, c):
 
 
 def _lstm_forward(xz, h, c, rk):
-    """xz: (T, B, 4u) input projections plus bias. Returns outputs, last h, last c, and what the backward needs."""
-    hs, cs, saved = [], [], []
-    for xt in tf.unstack(xz):
-        hs.append(h)
-        cs.append(c)
-        h, c, gates = _lstm_gates(xt + tf.matmul(h, rk), c)
-        saved.append(gates)
-    return tf.stack(hs[1:] + [h]), h, c, tf.stack(hs), tf.stack(cs), tf.stack(saved)
+    """xz: (T, B, 4u) input projections plus bias. Returns outputs, last h, last c, and what the backward needs:
+    the one-layer wavefront."""
+    out, (h, c), [(hprev, cprev, saved)] = _stack_forward(xz, [h, c], rk, [], [])
+    return out, h, c, hprev, cprev, saved
 
 
 def _lstm_local(saved, cprev):
@@ -132,7 +155,7 @@ _lstm_backward_xla = _xla(_lstm_backward)
 @tf.custom_gradient
 def lstm_sequence(xz, h, c, rk):
     """LSTM over time-major input projections ``xz`` from state (h, c): (outputs, last h, last c)."""
-    out, h_last, c_last, hprev, cprev, saved = _lstm_forward_xla(xz, h, c, rk)
+    out, h_last, c_last, hprev, cprev, saved = _untaped(_lstm_forward_xla, xz, h, c, rk)
 
     def grad(dout, dh, dc):
         dh = tf.zeros_like(h_last) if dh is None else dh
@@ -147,28 +170,42 @@ def _stack_forward(xz, states, rk, ws, bs):
     """All layers in one loop: layer 1 from its input projections ``xz`` and recurrent kernel ``rk``, layer l > 1
     from ``[h_{l-1,t}, h_{l,t-1}] @ ws[l-2] + bs[l-2]`` (its kernel and recurrent kernel stacked), so that nothing
     orders layer l's step t after layer l-1's step t+1 and the two can run side by side. ``states``: h, c per layer.
-    Returns the top layer's outputs, the last states and, per layer, its step inputs, previous c and gates."""
-    hs, cs = list(states[0::2]), list(states[1::2])
-    ins, cprev, gates = ([[] for _ in hs] for _ in range(3))
-    outputs = []
-    for xt in tf.unstack(xz):
-        for layer in range(len(hs)):
+    Returns the top layer's outputs, the last states and, per layer, its step inputs, previous c and gates.
+
+    Wave k runs layer l's step k - l for every layer that has one, from the states wave k - 1 left: the waves in
+    which every layer has a step are one ``_rolled`` loop, the few at either end (a layer not started or done) are
+    written out."""
+    layers, steps = len(states) // 2, xz.shape[0]
+
+    def wave(k, carry, active):
+        hs, cs, ins, cprev, gates, out = carry
+        hs, cs, ins, cprev, gates = (list(x) for x in (hs, cs, ins, cprev, gates))
+        new_h, new_c = list(hs), list(cs)
+        for layer in active:
+            t = k - layer
             if layer == 0:
-                step_in, z = hs[0], xt + tf.matmul(hs[0], rk)
+                step_in, z = hs[0], xz[t] + tf.matmul(hs[0], rk)
             else:
                 step_in = tf.concat([hs[layer - 1], hs[layer]], axis=1)
                 z = tf.matmul(step_in, ws[layer - 1]) + bs[layer - 1]
-            ins[layer].append(step_in)
-            cprev[layer].append(cs[layer])
-            hs[layer], cs[layer], g = _lstm_gates(z, cs[layer])
-            gates[layer].append(g)
-        outputs.append(hs[-1])
+            ins[layer], cprev[layer] = ins[layer].write(t, step_in), cprev[layer].write(t, cs[layer])
+            new_h[layer], new_c[layer], g = _lstm_gates(z, cs[layer])
+            gates[layer] = gates[layer].write(t, g)
+        if active[-1] == layers - 1:
+            out = out.write(k - layers + 1, new_h[-1])
+        return new_h, new_c, ins, cprev, gates, out
+
+    def ends(waves, carry):
+        for k in waves:
+            carry = wave(k, carry, [layer for layer in range(layers) if 0 <= k - layer < steps])
+        return carry
+
+    carry = (list(states[0::2]), list(states[1::2]), *(_arrays(xz, layers) for _ in range(3)), _arrays(xz, 1)[0])
+    carry = ends(range(min(layers - 1, steps + layers - 1)), carry)
+    carry = _rolled(layers - 1, steps, lambda k, carry: wave(k, carry, range(layers)), carry)
+    hs, cs, ins, cprev, gates, out = ends(range(max(steps, layers - 1), steps + layers - 1), carry)
     last = [s for h, c in zip(hs, cs, strict=True) for s in (h, c)]
-    return (
-        tf.stack(outputs),
-        last,
-        [[tf.stack(part[layer]) for part in (ins, cprev, gates)] for layer in range(len(hs))],
-    )
+    return out.stack(), last, [[part[layer].stack() for part in (ins, cprev, gates)] for layer in range(layers)]
 
 
 def _stack_backward(dout, dlast, rk, ws, saved):
@@ -209,7 +246,7 @@ def lstm_stack_sequence(
     @tf.custom_gradient
     def run(xz, rk, *flat):
         states, ws, bs = flat[:n_states], flat[n_states : n_states + n_ws], flat[n_states + n_ws :]
-        out, last, saved = _stack_forward_xla(xz, list(states), rk, list(ws), list(bs))
+        out, last, saved = _untaped(_stack_forward_xla, xz, list(states), rk, list(ws), list(bs))
 
         def grad(dout, *dlast):
             dlast = [tf.zeros_like(s) if d is None else d for d, s in zip(dlast, last, strict=True)]
@@ -224,16 +261,19 @@ def lstm_stack_sequence(
 
 # --- GRU (Keras 3 default: reset_after, gate order z, r, h; bias = [input bias, recurrent bias]) ------------------
 def _gru_forward(xz, h, rk, rb):
-    hs, saved, units = [], [], h.shape[1]
-    for xt in tf.unstack(xz):
-        hs.append(h)
-        xzr, xh = tf.split(xt, [2 * units, units], axis=1)
+    units = h.shape[1]
+
+    def step(t, carry):
+        h, out, hs, saved = carry
+        xzr, xh = tf.split(xz[t], [2 * units, units], axis=1)
         rzr, rh = tf.split(tf.matmul(h, rk) + rb, [2 * units, units], axis=1)
         z, r = tf.split(tf.sigmoid(xzr + rzr), 2, axis=1)  # one sigmoid op for both gates (see _xla)
         hh = tf.tanh(xh + r * rh)
-        h = z * h + (1 - z) * hh
-        saved.append(tf.concat([z, r, hh, rh], axis=1))
-    return tf.stack(hs[1:] + [h]), h, tf.stack(hs), tf.stack(saved)
+        new_h = z * h + (1 - z) * hh
+        return new_h, out.write(t, new_h), hs.write(t, h), saved.write(t, tf.concat([z, r, hh, rh], axis=1))
+
+    h, out, hs, saved = _rolled(0, xz.shape[0], step, (h, *_arrays(xz, 3)))
+    return out.stack(), h, hs.stack(), saved.stack()
 
 
 def _gru_backward(dout, dh, rk, hprev, saved):
@@ -262,7 +302,7 @@ _gru_backward_xla = _xla(_gru_backward)
 @tf.custom_gradient
 def gru_sequence(xz, h, rk, rb):
     """GRU (reset after the recurrent matmul) over time-major input projections ``xz``: (outputs, last h)."""
-    out, h_last, hprev, saved = _gru_forward_xla(xz, h, rk, rb)
+    out, h_last, hprev, saved = _untaped(_gru_forward_xla, xz, h, rk, rb)
 
     def grad(dout, dh):
         dh = tf.zeros_like(h_last) if dh is None else dh
@@ -273,11 +313,13 @@ def gru_sequence(xz, h, rk, rb):
 
 # --- SimpleRNN (tanh) ---------------------------------------------------------------------------------------------
 def _rnn_forward(xz, h, rk):
-    hs = []
-    for xt in tf.unstack(xz):
-        hs.append(h)
-        h = tf.tanh(xt + tf.matmul(h, rk))
-    return tf.stack(hs[1:] + [h]), h, tf.stack(hs)
+    def step(t, carry):
+        h, out, hs = carry
+        new_h = tf.tanh(xz[t] + tf.matmul(h, rk))
+        return new_h, out.write(t, new_h), hs.write(t, h)
+
+    h, out, hs = _rolled(0, xz.shape[0], step, (h, *_arrays(xz, 2)))
+    return out.stack(), h, hs.stack()
 
 
 def _rnn_backward(dout, dh, rk, out, hprev):
@@ -297,7 +339,7 @@ _rnn_backward_xla = _xla(_rnn_backward)
 @tf.custom_gradient
 def rnn_sequence(xz, h, rk):
     """Simple tanh RNN over time-major input projections ``xz``: (outputs, last h)."""
-    out, h_last, hprev = _rnn_forward_xla(xz, h, rk)
+    out, h_last, hprev = _untaped(_rnn_forward_xla, xz, h, rk)
 
     def grad(dout, dh):
         dh = tf.zeros_like(h_last) if dh is None else dh

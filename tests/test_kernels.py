@@ -156,11 +156,12 @@ def test_fused_language_model_checkpoints_and_exports_plain_keras(tmp_path):
     np.testing.assert_allclose(exported(tokens), fused(tokens), **OUT_TOL)
 
 
-def test_wavefront_computes_what_the_layers_compute_one_after_another():
+@pytest.mark.parametrize("steps", [6, 2, 1])  # a loop of 4 full waves; none (fewer steps than layers); one step
+def test_wavefront_computes_what_the_layers_compute_one_after_another(steps):
     """Three stacked layers (the loop is written for any number) in one wavefront against three ``lstm_sequence``
     calls: outputs, every layer's last state, and the gradients into the inputs, the states and every weight."""
     rng = np.random.default_rng(7)
-    steps, batch, units = 6, 3, 5
+    batch, units = 3, 5
     w = lambda *shape: tf.constant(rng.uniform(-0.5, 0.5, shape), tf.float32)  # noqa: E731
     xz, states = w(steps, batch, 4 * units), [w(batch, units) for _ in range(6)]
     rks = [w(units, 4 * units) for _ in range(3)]
@@ -204,25 +205,39 @@ def traced_ops(loop: Any, args: tuple) -> list[str]:
     return [op.type for op in loop.get_concrete_function(*args).graph.get_operations()]
 
 
+def lowered_ops(loop: Any, args: tuple) -> list[str]:
+    """The op types of ``loop``'s graph and of the functions it calls (a while loop's body) traced for ``args``."""
+    graph = loop.get_concrete_function(*args).graph.as_graph_def()
+    return [node.op for node in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+
+
 @pytest.mark.parametrize(
-    ("loop", "shapes", "per_step"),
-    [
-        pytest.param(kernels._stack_forward_xla, "stack", 3 * 2, id="lstm-wavefront"),  # sigmoid, tanh g, tanh c
+    ("loop", "shapes", "transcendental"),
+    [  # sigmoid (all sigmoid gates), tanh g, tanh c per LSTM step; the wavefront's two ends: one layer's step each
+        pytest.param(kernels._stack_forward_xla, "stack", 3 * 2 + 3 * 2, id="lstm-wavefront"),
         pytest.param(kernels._lstm_forward_xla, "lstm", 3, id="lstm"),
         pytest.param(kernels._gru_forward_xla, "gru", 2, id="gru"),  # sigmoid (z, r), tanh
+        pytest.param(kernels._rnn_forward_xla, "rnn", 1, id="rnn"),
     ],
 )
-def test_unrolled_loops_lower_few_transcendental_ops_per_step(loop, shapes, per_step):
-    """Every process lowers the unrolled loops to XLA at its first step, about 5 ms per sigmoid or tanh op: one
-    sigmoid op per step serves all of a cell's sigmoid gates."""
-    u, state, xz = UNITS, spec(BATCH, UNITS), spec(STEPS, BATCH, 4 * UNITS)
-    args = {
-        "stack": (xz, [state] * 4, spec(u, 4 * u), [spec(2 * u, 4 * u)], [spec(4 * u)]),
-        "lstm": (xz, state, state, spec(u, 4 * u)),
-        "gru": (spec(STEPS, BATCH, 3 * u), state, spec(u, 3 * u), spec(3 * u)),
-    }[shapes]
-    ops = traced_ops(loop, args)
-    assert sum(t in ("Sigmoid", "Tanh", "Exp") for t in ops) == per_step * STEPS
+def test_forward_loops_lower_one_step_whatever_the_length(loop, shapes, transcendental):
+    """Every process lowers the loops to XLA at its first step, about 5 ms per sigmoid or tanh op: a forward loop
+    is a while loop, whose step is lowered once for any number of steps, and one sigmoid op per step serves all of
+    a cell's sigmoid gates."""
+    u, state = UNITS, spec(BATCH, UNITS)
+    counts = []
+    for steps in (STEPS, 2 * STEPS):
+        xz = spec(steps, BATCH, 4 * u)
+        args = {
+            "stack": (xz, [state] * 4, spec(u, 4 * u), [spec(2 * u, 4 * u)], [spec(4 * u)]),
+            "lstm": (xz, state, state, spec(u, 4 * u)),
+            "gru": (spec(steps, BATCH, 3 * u), state, spec(u, 3 * u), spec(3 * u)),
+            "rnn": (spec(steps, BATCH, u), state, spec(u, u)),
+        }[shapes]
+        ops = lowered_ops(loop, args)
+        assert "While" in ops or "StatelessWhile" in ops
+        counts.append(sum(t in ("Sigmoid", "Tanh", "Exp") for t in ops))
+    assert counts == [transcendental] * 2
 
 
 @pytest.mark.parametrize("shapes", ["stack", "lstm", "gru", "rnn"])
