@@ -201,7 +201,7 @@ def _stack_forward(xz, states, rk, ws, bs):
         return carry
 
     carry = (list(states[0::2]), list(states[1::2]), *(_arrays(xz, layers) for _ in range(3)), _arrays(xz, 1)[0])
-    carry = ends(range(min(layers - 1, steps + layers - 1)), carry)
+    carry = ends(range(layers - 1), carry)  # wave k < layers - 1 always has layer k's first step
     carry = _rolled(layers - 1, steps, lambda k, carry: wave(k, carry, range(layers)), carry)
     hs, cs, ins, cprev, gates, out = ends(range(max(steps, layers - 1), steps + layers - 1), carry)
     last = [s for h, c in zip(hs, cs, strict=True) for s in (h, c)]

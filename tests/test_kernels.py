@@ -200,13 +200,9 @@ def spec(*shape: int) -> tf.TensorSpec:
     return tf.TensorSpec(shape, tf.float32)
 
 
-def traced_ops(loop: Any, args: tuple) -> list[str]:
-    """The op types of ``loop``'s graph traced for ``args`` (specs): what XLA lowers at a process's first step."""
-    return [op.type for op in loop.get_concrete_function(*args).graph.get_operations()]
-
-
 def lowered_ops(loop: Any, args: tuple) -> list[str]:
-    """The op types of ``loop``'s graph and of the functions it calls (a while loop's body) traced for ``args``."""
+    """The op types of ``loop``'s graph and of the functions it calls (a while loop's body) traced for ``args``
+    (specs): what XLA lowers at a process's first step."""
     graph = loop.get_concrete_function(*args).graph.as_graph_def()
     return [node.op for node in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
 
@@ -255,7 +251,7 @@ def test_backward_loops_take_their_steps_from_one_unstack(shapes):
         "gru": (kernels._gru_backward_xla, (seq(u), state, spec(u, 3 * u), seq(u), seq(4 * u))),
         "rnn": (kernels._rnn_backward_xla, (seq(u), state, spec(u, u), seq(u), seq(u))),
     }[shapes]  # fmt: skip
-    ops = traced_ops(loop, args)
+    ops = lowered_ops(loop, args)
     assert "StridedSlice" not in ops
     assert ops.count("Unpack") >= 1
 
