@@ -72,6 +72,10 @@ def test_xla_executables_are_told_apart_by_the_hlo_ops_traced_inside():
         "recurrent loops (XLA)"
     )
     assert profile.xla_part([]) == "recurrent loops (XLA)"  # traced without XLA_TRACEME: nothing inside
+    # The forward while loop in the AVX2 class: no matmul traced, still not the loss gradient.
+    forward = ["MemoryAllocation", "copy.3", "end: copy.3", "wrapped_broadcast", "bitcast_pad_fusion.1", "while.2"]
+    assert profile.xla_part(forward) == "recurrent loops (XLA)"
+    assert profile.xla_part(["broadcast_multiply_fusion", "end: broadcast_multiply_fusion"]) == "softmax cross-entropy"
 
 
 @pytest.mark.integration  # the profiler's trace: ~6 s

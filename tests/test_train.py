@@ -81,6 +81,7 @@ def test_smoke_run_is_tracked_completely(smoke, tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(result["model"](x)), atol=1e-6)
     signature = mlflow.models.get_model_info(result["model_uri"]).signature
     assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 20, 1)
+    assert signature.outputs.to_dict()[0]["tensor-spec"] == {"dtype": "float32", "shape": (-1, 2)}
 
     report = json.loads((tmp_path / "reports/metrics/toy.json").read_text())
     assert report["test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
