@@ -8,6 +8,9 @@ import re
 import time
 from pathlib import Path
 
+import ml_dtypes
+import mlflow
+import numpy as np
 import pytest
 from hydra import initialize_config_dir
 
@@ -76,6 +79,9 @@ def test_bench_numbers_agree_with_each_other_and_with_the_machine(make_cfg, tmp_
     assert written["cases"] == [case] and written["cpu"] == results["cpu"]
     table = (tmp_path / "reports/bench.md").read_text()
     assert table.splitlines()[2].startswith(results["cpu"]) and "| toy_lstm " in table
+    # The packages the figures depend on, as installed.
+    assert results["stack"]["numpy"] == np.__version__ and results["stack"]["ml_dtypes"] == ml_dtypes.__version__
+    assert table.splitlines()[2].endswith(f"ml_dtypes {ml_dtypes.__version__}, mlflow {mlflow.__version__}")
 
 
 def cpuinfo_model() -> str:
