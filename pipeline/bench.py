@@ -401,7 +401,7 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
     data.write_json(out / "bench.json", results)
     table = pd.DataFrame([{k: v for k, v in case.items() if k != "whole_run"} for case in results["cases"]])
     machine = ", ".join(filter(None, [results["cpu"], results["cpu_flags"], "GPU" if results["gpu"] else None]))
-    stack = "".join(f", {name} {version}" for name, version in results.get("stack", {}).items())
+    stack = "".join(f", {name} {version}" for name, version in results["stack"].items())
     lines = ["# Benchmark", "", f"{machine}; Python {results['python']}, Keras {results['keras']}{stack}", ""]
     for isa, described in results["classes"].items():
         env = " ".join(f"{k}={v}" for k, v in described["env"].items()) or "the machine as it is"

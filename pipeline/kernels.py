@@ -179,8 +179,7 @@ def _stack_forward(xz, states, rk, ws, bs):
 
     def wave(k, carry, active):
         hs, cs, ins, cprev, gates, out = carry
-        hs, cs, ins, cprev, gates = (list(x) for x in (hs, cs, ins, cprev, gates))
-        new_h, new_c = list(hs), list(cs)
+        new_h, new_c, ins, cprev, gates = (list(x) for x in (hs, cs, ins, cprev, gates))
         for layer in active:
             t = k - layer
             if layer == 0:
