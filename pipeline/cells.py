@@ -16,12 +16,15 @@ Keras' three are registered below; the variants (peephole LSTM, CIFG, NFG, NOAF,
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -56,7 +59,7 @@ def load(target: str | type, what: str) -> type:
     module, _, attr = target.rpartition(".")
     try:
         return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
+    except Exception as err:  # the user's module: a missing name, a syntax error, any failure of its own code
         raise CellError(f"{what}: cannot load {target!r} ({err}); give an importable package.module.Class") from err
 
 
@@ -116,8 +119,9 @@ def _imported(path: str) -> Cell:
     module, _, attr = path.partition(":")
     try:
         found = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise CellError(f"model.cell={path!r}: cannot import it ({type(err).__name__}: {err})") from err
+    except Exception as err:  # the user's module: a missing name, a syntax error, any failure of its own code
+        hint = "; put its folder on PYTHONPATH" if isinstance(err, ModuleNotFoundError) else ""
+        raise CellError(f"model.cell={path!r}: cannot import it ({type(err).__name__}: {err}){hint}") from err
     if isinstance(found, Cell):
         cell = Cell(path, found.display, found.keras, found.gates, found.fused)
     else:
@@ -182,14 +186,77 @@ def prefix(name: str) -> str:
 def display(name: Any) -> str:
     """``lstm`` -> ``LSTM``, ``bilstm`` -> ``BiLSTM`` (a run's ``cell`` tag); anything else as it is."""
     text = str(name or "") or "?"
-    if is_path(text.removeprefix("bi")):
-        return ("Bi" if text.startswith("bi") else "") + get(text.removeprefix("bi")).display
+    if is_path(text):
+        bidirectional, path = own_path(text)
+        return ("Bi" if bidirectional else "") + _path_display(path)
     known = names()
     if text in known:
         return get(text).display
     if text.startswith("bi") and text[2:] in known:
         return "Bi" + get(text[2:]).display
     return text
+
+
+def cell_settings(cls: type, settings: dict[str, Any], name: str) -> dict[str, Any]:
+    """The model settings a cell class takes (its ``__init__`` names them). One it does not take may only be left
+    at its default (0 recurrent dropout, Keras' initialisers): asked for, it is an error that says which (checked
+    with the config, ``check_settings``, and again when the layer is made)."""
+    import keras
+
+    accepted = dict(inspect.signature(cls.__init__ if isinstance(cls, type) else cls).parameters)
+    if not isinstance(cls, type) and any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        return settings  # a factory f(units, **settings) passes them on to the Keras class it makes
+    if isinstance(cls, type) and issubclass(cls, keras.layers.Layer):
+        accepted["dtype"] = None  # every Keras layer takes its dtype policy
+    unsupported = [key for key, value in settings.items() if key not in accepted and value]
+    if unsupported:
+        keys = ", ".join(dict.fromkeys("model.init_scale" if "initializer" in k else f"model.{k}" for k in unsupported))
+        raise CellError(f"cell {name!r} ({cls.__name__}) takes no {', '.join(unsupported)}: leave {keys} unset")
+    return {key: value for key, value in settings.items() if key in accepted}
+
+
+def check_settings(name: str, recurrent_dropout: float | None, init_scale: float | None) -> None:
+    """A config's model settings against the cell ``name`` (an error that says which to leave unset)."""
+    cls = get(name).keras_class()
+    import keras
+
+    if isinstance(cls, type) and issubclass(cls, keras.layers.RNN):
+        return  # a whole Keras layer takes them all
+    initialisers = ("kernel_initializer", "recurrent_initializer", "bias_initializer") if init_scale else ()
+    cell_settings(cls, {"recurrent_dropout": recurrent_dropout, **dict.fromkeys(initialisers, True)}, name)
+
+
+def code_digest(name: str) -> str | None:
+    """sha256 of the file of the module an own cell's path names (None for a registered cell, or a module without a
+    file): a run of edited cell code is another configuration, and never resumes a checkpoint of the old code."""
+    if not is_path(name):
+        return None
+    get(name)  # imported, or a one-line error
+    module = importlib.import_module(name.partition(":")[0])
+    file = getattr(module, "__file__", None)
+    return hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16] if file else None
+
+
+def own_path(tag: str) -> tuple[bool, str]:
+    """A ``cell`` tag of an own cell as (bidirectional, import path): ``bimy_cell:Leaky`` is ``my_cell:Leaky`` both
+    ways, unless ``bimy_cell`` is itself a module here (``bio_cells:Cell``)."""
+    module = tag.partition(":")[0]
+    if not tag.startswith("bi") or tag in _REGISTRY:
+        return False, tag
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return (False, tag) if found else (True, tag[2:])
+
+
+def _path_display(path: str) -> str:
+    """An own cell's display name; its attribute's name where its code does not import here (a report made without
+    the sweep's ``PYTHONPATH`` only needs a name)."""
+    try:
+        return get(path).display
+    except CellError:
+        return path.partition(":")[2]
 
 
 register(Cell("rnn", "SimpleRNN", "keras.layers.SimpleRNN", gates=1, fused="pipeline.kernels.FusedSimpleRNN"))

@@ -22,6 +22,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from pipeline import cells
+from pipeline.config import only_budget
 from pipeline.objective import Objective, of_metric
 
 CONFIDENCE = 0.95  # of every interval
@@ -95,10 +96,20 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
     )
 
 
-def label(row: pd.Series, varying: list[str]) -> str:
+def cell_names(runs: pd.DataFrame) -> dict[Any, str]:
+    """Each ``cell`` tag's name in tables: its display name (``LSTM``), or an own cell's import path where two cells
+    share one (``cella:Cell`` and ``cellb:Cell``; ``LSTM`` and ``keras.layers:LSTM``)."""
+    shown = {cell: cells.display(cell) for cell in runs["cell"].drop_duplicates()}
+    clashing = {name for name in shown.values() if list(shown.values()).count(name) > 1}
+    own = {cell for cell in shown if cells.is_path(str(cell))}
+    return {cell: str(cell) if name in clashing and cell in own else name for cell, name in shown.items()}
+
+
+def label(row: pd.Series, varying: list[str], shown: dict[Any, str] | None = None) -> str:
     """``GRU``, or ``GRU units=149`` where more than the cell varies. A setting and its resolved value that agree
-    (``trainer.precision`` and ``precision``) show once; two different keys with one short name show in full."""
-    cell = cells.display(row["cell"])
+    (``trainer.precision`` and ``precision``) show once; two different keys with one short name show in full.
+    ``shown``: the cells' names (``cell_names``) where the run is one of a set."""
+    cell = (shown or {}).get(row["cell"]) or cells.display(row["cell"])
     pieces: list[str] = []
     names: set[str] = set()
     for c in (c for c in varying if c not in NOT_IN_LABEL):
@@ -111,16 +122,17 @@ def label(row: pd.Series, varying: list[str]) -> str:
 
 
 def aggregate(runs: pd.DataFrame, objective: Objective) -> pd.DataFrame:
-    """One row per configuration, best (on mean best-validation) first: what varies, size, seeds, the test and
-    validation metric (mean, std, 95% interval), seconds per epoch, and the verdict against the best."""
-    varying = varying_params(runs)
+    """One row per configuration, best (on mean best-validation, of those with ``MIN_SEEDS`` seeds) first: what
+    varies, size, seeds, the test and validation metric (mean, std, 95% interval), seconds per epoch, and the verdict
+    against the best."""
+    varying, names = varying_params(runs), cell_names(runs)
     rows = []
     for config_id, group in runs.groupby("config_id", sort=False):
         first = group.iloc[-1]
         test, val = interval(group["test"]), interval(group["best_val"])
         rows.append(
             {
-                "label": label(first, varying),
+                "label": label(first, varying, names),
                 "config_id": config_id,
                 **{c.removeprefix("params."): first[c] for c in varying},
                 "params": first["params"],
@@ -135,6 +147,8 @@ def aggregate(runs: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     if table.empty:
         return table
     table = table.sort_values("val_mean", ascending=not objective.higher, kind="stable", na_position="last")
+    # The best is one a test can be made against: a stray run of one seed, lucky on validation, is ranked after.
+    table = table.sort_values("n", key=lambda n: n < MIN_SEEDS, kind="stable")
     return judge(runs, table.reset_index(drop=True), objective)
 
 
@@ -250,7 +264,8 @@ def bands(runs: pd.DataFrame, curves: pd.DataFrame, key: str) -> pd.DataFrame:
 def anchors(runs: pd.DataFrame) -> pd.DataFrame:
     """Each preset with a published figure: ours (mean, 95% interval over its seeds) beside it, and whether it is
     reproduced (inside our interval), better or worse, by how much; no verdict from fewer than ``MIN_SEEDS`` seeds,
-    as in the comparison tables."""
+    as in the comparison tables. A preset run with other settings (its ``preset_changes`` tag) is not the published
+    model: "not comparable"; at another budget only, the verdict says at which."""
     if "tags.anchor.value" not in runs:
         return pd.DataFrame()
     rows = []
@@ -262,12 +277,17 @@ def anchors(runs: pd.DataFrame) -> pd.DataFrame:
         higher = of_metric(metric).higher
         column = "test" if metric.startswith("test/") else "best_val"
         ours, published = interval(group[column]), float(first["tags.anchor.value"])
-        if ours["n"] < MIN_SEEDS:
+        changes = str(first.get("tags.preset_changes") or "").split()
+        if changes and not only_budget(changes):
+            verdict = "not comparable: the preset with " + " ".join(changes)
+        elif ours["n"] < MIN_SEEDS:
             verdict = f"needs >= {MIN_SEEDS} seeds"
         elif ours["ci_low"] <= published <= ours["ci_high"]:
             verdict = "reproduced"
         else:
             verdict = "better" if (ours["mean"] > published) == higher else "worse"
+        if changes and only_budget(changes):
+            verdict += f" (at {' '.join(changes)})"
         rows.append(
             {
                 "preset": preset,

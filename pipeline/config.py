@@ -362,6 +362,27 @@ RUNTIME_KEYS = (
 )
 
 
+# Overrides that change a preset's training but not what it is: the budget (a published figure is for the preset's).
+BUDGET_KEYS = ("budget", "trainer.epochs", "trainer.max_steps_per_epoch", "trainer.early_stopping_patience")
+
+
+def preset_changes(overrides: list[str]) -> list[str]:
+    """The command line's overrides that change what a preset trains (data, model, optimizer, trainer less its
+    runtime keys, or their groups: ``model=gru``, ``budget=smoke``), so that its published figure is not for them."""
+    changes = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        section, _, rest = key.partition(".")
+        if section in (*RESULT_SECTIONS[:-1], "budget") and not (section == "trainer" and rest in RUNTIME_KEYS):
+            changes.append(override.lstrip("+~"))
+    return changes
+
+
+def only_budget(changes: list[str]) -> bool:
+    """Changes of the training budget only (``BUDGET_KEYS``): the preset's model, at fewer or more steps."""
+    return all(change.split("=", 1)[0] in BUDGET_KEYS for change in changes)
+
+
 def result_config(cfg: DictConfig) -> dict[str, Any]:
     """What determines a training run's result: data, model, optimizer, trainer (less its runtime keys) and seed.
     These, and only these, are a run's MLflow params and its resume fingerprint: no paths, stores or stage settings,
@@ -374,17 +395,24 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
 
 def config_id(cfg: DictConfig, data_digest: str, precision: str) -> str:
     """sha256 of everything that determines a run's result except its seed: ``result_config`` less the seed, the
-    data version and the precision actually used. Runs with the same ``config_id`` are repeats of one configuration
-    (however they were launched), so the report aggregates them over seeds."""
+    data version, the precision actually used and an own cell's code version. Runs with the same ``config_id`` are
+    repeats of one configuration (however they were launched), so the report aggregates them over seeds."""
     result = {k: v for k, v in result_config(cfg).items() if k != "seed"}
-    result.update(data_digest=data_digest, precision=precision)
+    result.update(data_digest=data_digest, precision=precision, **_cell_code(cfg))
     return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _cell_code(cfg: DictConfig) -> dict[str, str]:
+    """An own cell's code version (``cells.code_digest``), where the model has one: none for the built-in cells."""
+    digest = cells.code_digest(str(OmegaConf.select(cfg, "model.cell", default="")))
+    return {"cell_code": digest} if digest else {}
+
+
 def fingerprint(cfg: DictConfig) -> str:
-    """sha256 of ``result_config``: two runs with the same fingerprint train the same model, so one may resume the
-    other."""
-    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """sha256 of ``result_config`` (and an own cell's code version): two runs with the same fingerprint train the
+    same model, so one may resume the other."""
+    result = {**result_config(cfg), **_cell_code(cfg)}
+    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cap(meaning: str) -> Bound:
@@ -482,10 +510,12 @@ def _check_table(
         if value is not _ABSENT and not bound.admits(value):
             finite = " and finite" if isinstance(value, float) and not math.isfinite(value) else ""
             raise ConfigError(f"{key}: must be {bound.describe()}{finite}{bound.note}, got {_override(value)}")
-    for key, (noun, allowed) in choices.items():
+    for key, (noun, allowed, *tail) in choices.items():  # tail: what else the key takes, said after the choices
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and value is not None:  # null passed the schema: the key is optional
-            _check(value in allowed, key, f"unknown {noun} {value!r}; choose one of {', '.join(allowed)}")
+            _check(
+                value in allowed, key, f"unknown {noun} {value!r}; choose one of {', '.join(allowed)}{''.join(tail)}"
+            )
 
 
 def _check_schema(cfg: DictConfig, schema: DictConfig, resolve: bool = True) -> None:
@@ -538,10 +568,14 @@ def anchor_problem(anchor: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _check_own_cell(path: str) -> None:
-    """A cell from the user's code (``package.module:Class``) must import and be an RNN cell: one line if not."""
+OWN_CELL = ", or package.module:Class for your own cell (a colon before the class)"
+
+
+def _check_own_cell(model: DictConfig) -> None:
+    """A cell from the user's code (``package.module:Class``) must import, be an RNN cell and take the settings the
+    config asks of it: one line if not."""
     try:
-        cells.get(path)
+        cells.check_settings(model.cell, model.get("recurrent_dropout"), model.get("init_scale"))
     except cells.CellError as err:
         raise ConfigError(str(err)) from None
 
@@ -552,9 +586,12 @@ def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     only the sections that entry point reads are checked."""
     cfg = OmegaConf.masked_copy(cfg, [f.name for f in fields(TOP_SCHEMAS[top]) if f.name in cfg])
     _check_schema(cfg, schema_of(cfg, top), resolve=top == "config" or "data" in cfg)  # others name no dataset
-    bounds, choices = dict(BOUNDS), {**CHOICES, "model.cell": ("cell type", cells.names())}  # cells: registered now
+    bounds, choices = (
+        dict(BOUNDS),
+        {**CHOICES, "model.cell": ("cell type", cells.names(), OWN_CELL)},
+    )  # cells: registered now
     if cells.is_path(OmegaConf.select(cfg, "model.cell", default=None)):
-        _check_own_cell(cfg.model.cell)
+        _check_own_cell(cfg.model)
         del choices["model.cell"]
     spec = _check_data(cfg.data, bounds, choices) if "data" in cfg else None
     _check_table(cfg, bounds, choices)

@@ -64,4 +64,5 @@ def anchors_section(anchors: pd.DataFrame) -> list[str]:
     shown = anchors.copy()
     linked = zip(shown["source"], shown.pop("url"), strict=True)  # compare.anchors gives every row its url (or None)
     shown["source"] = [f"[{s}]({u})" if isinstance(u, str) and u else s for s, u in linked]
-    return ["", "## Published numbers beside ours", "", shown.round(4).to_markdown(index=False)]
+    table = shown.round(4).astype(object).where(shown.notna(), "–").to_markdown(index=False)  # one seed: no interval
+    return ["", "## Published numbers beside ours", "", table]

@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import config, tracking
+from pipeline import cells, config, tracking
 from pipeline.sampling import generate
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     try:
         text = run(cfg)
-    except (config.ConfigError, tracking.TrackingError, GenerateError) as err:
+    except (config.ConfigError, tracking.TrackingError, cells.CellError, GenerateError) as err:
         print(f"generate: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import os
 from collections.abc import Callable
@@ -142,7 +141,7 @@ def recurrent_layer(
     if isinstance(cls, type) and issubclass(cls, keras.layers.RNN):  # a whole layer: LSTM, GRU, their fused kernels
         layer = cls(cfg.units, **settings, **common)
     else:  # a cell (or a factory of one), which keras.layers.RNN runs over the sequence
-        own = cell_settings(cls, {**settings, "dtype": dtype}, cfg.cell)
+        own = cells.cell_settings(cls, {**settings, "dtype": dtype}, cfg.cell)
         made = cls(cfg.units, **own)
         # A factory of a whole recurrent layer: made again with the layer's settings, not wrapped in a second one.
         layer = (
@@ -153,21 +152,6 @@ def recurrent_layer(
     if cfg.bidirectional:
         layer = keras.layers.Bidirectional(layer, name=f"bi_{name}", dtype=dtype)
     return layer
-
-
-def cell_settings(cls: type, settings: dict[str, Any], name: str) -> dict[str, Any]:
-    """The model settings a cell class takes (its ``__init__`` names them). One it does not take may only be left
-    at its default (0 recurrent dropout, Keras' initialisers): asked for, it is an error that says which."""
-    accepted = dict(inspect.signature(cls.__init__ if isinstance(cls, type) else cls).parameters)
-    if not isinstance(cls, type) and any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        return settings  # a factory f(units, **settings) passes them on to the Keras class it makes
-    if isinstance(cls, type) and issubclass(cls, keras.layers.Layer):
-        accepted["dtype"] = None  # every Keras layer takes its dtype policy
-    unsupported = [key for key, value in settings.items() if key not in accepted and value]
-    if unsupported:
-        keys = ", ".join(dict.fromkeys("model.init_scale" if "initializer" in k else f"model.{k}" for k in unsupported))
-        raise cells.CellError(f"cell {name!r} ({cls.__name__}) takes no {', '.join(unsupported)}: leave {keys} unset")
-    return {key: value for key, value in settings.items() if key in accepted}
 
 
 @keras.saving.register_keras_serializable("rnnlab")

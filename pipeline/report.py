@@ -168,8 +168,13 @@ def shown(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     out[f"best val {objective.metric}"], out["val 95% CI"] = pm("val"), ci("val")
     out["s/epoch"] = table["s_per_epoch"].round(1)
     out["vs best (test)"] = table["verdict"]
-    out["difference [95% CI]"] = table.apply(
-        lambda r: f"{r.diff_mean:+.{digits}f} [{r.diff_ci_low:+.{digits}f}, {r.diff_ci_high:+.{digits}f}]", axis=1
+    out["difference [95% CI]"] = table.apply(  # none where no test was made (fewer than 3 seeds)
+        lambda r: (
+            f"{r.diff_mean:+.{digits}f} [{r.diff_ci_low:+.{digits}f}, {r.diff_ci_high:+.{digits}f}]"
+            if pd.notna([r.diff_mean, r.diff_ci_low, r.diff_ci_high]).all()
+            else "–"
+        ),
+        axis=1,
     )
     out.loc[0, "difference [95% CI]"] = ""  # the best itself
     return out.replace("nan", "–", regex=True)
@@ -219,7 +224,8 @@ def render(reports: list[DatasetReport], out: Path) -> tuple[list[str], list[Pat
     lines += [f"- {compare.headline(r.name, r.table, r.objective)}" for r in reports]
     lines += [
         "",
-        f"Best = best mean validation metric (best epoch). Every other configuration is compared with it on "
+        f"Best = best mean validation metric (best epoch), among the configurations with at least "
+        f"{compare.MIN_SEEDS} seeds where there are any. Every other configuration is compared with it on "
         f"the test metric: {compare.TEST}. Intervals: 95% t-intervals of the mean over seeds.",
     ]
     lines += figures.anchors_section(pd.concat([compare.anchors(r.runs) for r in reports], ignore_index=True))

@@ -54,10 +54,10 @@ def expand_seeds(argv: list[str]) -> list[str]:
         raise SweepError(f"seeds must be a whole number of seeds from 1 to {MAX_SEEDS} (seeds 1..N), got {value!r}")
     if any(a.lstrip("+~").startswith("seed=") for a in argv):
         raise SweepError("give either seeds=N (seeds 1..N) or seed=a,b,c, not both")
-    expanded = [*argv[:index], "seed=" + ",".join(str(s) for s in range(1, int(value) + 1)), *argv[index + 1 :]]
+    seeds = ["seed=" + ",".join(str(s) for s in range(1, int(value) + 1))]
     if not {"-m", "--multirun"} & set(argv) and not any(a.startswith("hydra.mode=") for a in argv):
-        expanded.append("hydra.mode=MULTIRUN")
-    return expanded
+        seeds.append("hydra.mode=MULTIRUN")  # beside the seeds: an override after a flag's value would be refused
+    return [*argv[:index], *seeds, *argv[index + 1 :]]
 
 
 # --- resuming a sweep ----------------------------------------------------------------------------------------------

@@ -76,8 +76,18 @@ def distribution_scope(cfg: DictConfig):
     return tf.distribute.MirroredStrategy().scope()
 
 
+def one_log_handler() -> None:
+    """TensorFlow's logger has a handler of its own when it was imported before logging was set up, and passes its
+    records on to the root's too (Hydra's, which masks credentials): each warning printed twice. The root's alone."""
+    if logging.getLogger().handlers:
+        tf_logger = logging.getLogger("tensorflow")
+        for handler in list(tf_logger.handlers):
+            tf_logger.removeHandler(handler)
+
+
 def setup_runtime(cfg: DictConfig) -> None:
-    """Seeds, determinism, thread counts and the compile cache, before any model is built."""
+    """Seeds, determinism, thread counts, the compile cache and the log's handlers, before any model is built."""
+    one_log_handler()
     keras.utils.set_random_seed(cfg.seed)
     xla_cache.enable(cfg.trainer.compile_cache)
     if cfg.trainer.deterministic:

@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from pipeline import config, data, models, sweep, tasks, tracking
+from pipeline import cells, config, data, models, sweep, tasks, tracking
 from pipeline.checkpoint import Checkpoint, CheckpointError, save_model_atomic
 from pipeline.objective import of_metrics
 from pipeline.redaction import redact
@@ -45,6 +45,7 @@ USER_ERRORS = (
     config.ConfigError,
     CheckpointError,
     sweep.SweepError,
+    cells.CellError,
 )
 
 

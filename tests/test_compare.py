@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import compare, models, objective, report, sweep, tracking
+from pipeline import compare, config, models, objective, report, sweep, tracking
 from tests.conftest import CONF, compose_config
 
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # Student's t, 97.5% quantile, by degrees of freedom
@@ -130,6 +130,20 @@ def test_a_label_names_each_varying_setting_once():
     assert compare.label(row, ["params.model.param_budget", "params.model.units"]) == "GRU units=149"
 
 
+def test_cells_that_share_a_name_are_told_apart_by_their_paths_and_an_unimportable_one_keeps_its_name(store):
+    uri, client, exp = store
+    for seed in (1, 2, 3):  # two own cells both called Cell (neither importable here) and Keras' LSTM by path
+        add_run(client, exp, "a", seed, 0.8, [0.8], cell="cella:Cell")
+        add_run(client, exp, "b", seed, 0.6, [0.6], cell="cellb:Cell")
+        add_run(client, exp, "k", seed, 0.7, [0.7], cell="keras.layers:LSTM")
+        add_run(client, exp, "l", seed, 0.7, [0.7], cell="lstm")
+        add_run(client, exp, "n", seed, 0.5, [0.5], cell="nowhere_module:Leaky")
+    table = aggregate_store(uri)[1].set_index("config_id")
+    assert table["label"].to_dict() == {
+        "a": "cella:Cell", "b": "cellb:Cell", "k": "keras.layers:LSTM", "l": "LSTM", "n": "Leaky"
+    }  # fmt: skip
+
+
 def test_fewer_than_three_seeds_ask_for_more_instead_of_a_p_value(store):
     uri, client, exp = store
     for seed in (1, 2):
@@ -138,6 +152,19 @@ def test_fewer_than_three_seeds_ask_for_more_instead_of_a_p_value(store):
     _, table = aggregate_store(uri)
     assert list(table["verdict"]) == ["best", "needs >= 3 seeds"] and math.isnan(table["p"].iloc[1])
     assert "run at least 3 seeds to compare" in compare.headline("toy", table, ACC)
+
+
+def test_a_stray_run_of_one_seed_best_on_validation_does_not_become_the_best(store):
+    uri, client, exp = store
+    for seed in (1, 2, 3):
+        add_run(client, exp, "A", seed, 0.8, [0.8])
+        add_run(client, exp, "B", seed, 0.6 + seed / 100, [0.6], cell="gru")
+    add_run(client, exp, "stray", 1, 0.9, [0.95], cell="rnn")
+    table = aggregate_store(uri)[1]
+    assert list(table["config_id"]) == ["A", "B", "stray"]
+    assert table["verdict"].iloc[1].startswith("worse (p = ") and table["verdict"].iloc[2] == "needs >= 3 seeds"
+    difference = report.shown(table, ACC)["difference [95% CI]"].tolist()
+    assert difference[0] == "" and difference[1].startswith("-0.1") and difference[2] == "–"  # no test: no numbers
 
 
 def test_seeds_that_do_not_match_compare_by_welch_with_its_interval():
@@ -165,6 +192,31 @@ def test_anchor_rows_say_reproduced_better_or_worse():
     table = compare.anchors(runs).set_index("preset")
     assert table.loc["mnist_lstm", "verdict"] == "reproduced" and table.loc["mnist_lstm", "ours"] == pytest.approx(0.98)
     assert table.loc["imdb_rnn", "verdict"] == "better" and table.loc["imdb_rnn", "gap"] == pytest.approx(0.03)
+    runs["tags.preset_changes"] = ["model=gru"] * 3 + ["trainer.epochs=2"] * 3
+    table = compare.anchors(runs).set_index("preset")
+    assert table.loc["mnist_lstm", "verdict"] == "not comparable: the preset with model=gru"
+    assert table.loc["imdb_rnn", "verdict"] == "better (at trainer.epochs=2)"
+
+
+def test_preset_changes_are_the_overrides_that_change_what_it_trains():
+    overrides = ["experiment=ptb_small", "seed=3", "+model.cell=my:Cell", "trainer.epochs=2", "trainer.resume=true"]
+    overrides += ["tracking.sweep_name=x", "budget=smoke", "optimizer=adam", "data.n_train=10", "anchor.value=1"]
+    changes = config.preset_changes(overrides)
+    assert changes == ["model.cell=my:Cell", "trainer.epochs=2", "budget=smoke", "optimizer=adam", "data.n_train=10"]
+    assert config.only_budget(["trainer.epochs=2", "budget=smoke"]) and not config.only_budget(changes)
+
+
+def test_a_hydra_job_tags_its_preset_and_what_its_command_line_changed():
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.tracking import runs
+
+    cfg = compose_config(["experiment=imdb_lstm", "model=gru", "seed=2", "trainer.verbose=0"], hydra=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert (runs.preset_name(), runs.preset_overrides()) == ("imdb_lstm", ["model=gru"])
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_cells_are_ranked_across_datasets_with_a_friedman_test():
@@ -264,6 +316,14 @@ def test_seeds_expand_to_the_same_seeds_for_every_configuration():
     ]
     assert sweep.expand_seeds(["-m", "model=rnn,gru", "+seeds=2"]) == ["-m", "model=rnn,gru", "seed=1,2"]
     assert sweep.expand_seeds(["model=gru"]) == ["model=gru"]
+
+
+def test_seeds_before_a_hydra_flag_still_parse():
+    from hydra._internal.utils import get_args_parser
+
+    expanded = sweep.expand_seeds(["seeds=3", "--cfg", "job"])
+    args = get_args_parser().parse_args(expanded)  # Hydra's own command line: a trailing override was refused
+    assert args.cfg == "job" and args.overrides == ["seed=1,2,3", "hydra.mode=MULTIRUN"]
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,11 @@ def test_misspelt_key_fails_at_compose_listing_the_valid_keys():
     assert err.value.__cause__ is None  # so Hydra prints this message alone
 
 
+def test_an_unknown_cell_type_says_how_to_name_an_own_cell():
+    with pytest.raises(config.ConfigError, match=r"'my_cell.Leaky'; choose one of rnn, .*, or package.module:Class"):
+        config.validate(compose_config(["model.cell=my_cell.Leaky"]))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -2,6 +2,7 @@
 config is, trained on a classifier and a language model, shown by its class name. The module is the README's example
 (``examples/my_cell.py``), written to a temporary folder as a user's would be."""
 
+import json
 import math
 import os
 import re
@@ -77,6 +78,50 @@ def test_a_path_that_is_not_an_rnn_cell_is_refused_in_one_line_naming_model_cell
         config.validate(make_cfg(f"model.cell={path}"))
     assert "\n" not in str(err.value)
     assert re.search(says, str(err.value))
+
+
+BROKEN = {
+    "syntax_cells": "class Cell(:\n    pass\n",
+    "failing_cells": "import keras\nraise RuntimeError('no GPU here')\n",
+}
+
+
+@pytest.mark.parametrize("module", sorted(BROKEN))
+def test_a_cell_module_whose_code_fails_to_import_is_refused_in_one_line(tmp_path, make_cfg, monkeypatch, module):
+    (tmp_path / f"{module}.py").write_text(BROKEN[module])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(config.ConfigError, match=rf"model.cell='{module}:Cell': cannot import it \(\w+Error"):
+        config.validate(make_cfg(f"model.cell={module}:Cell"))
+    with pytest.raises(config.ConfigError, match="on PYTHONPATH"):  # a module not found says where to put it
+        config.validate(make_cfg("model.cell=not_on_the_path:Cell"))
+
+
+def test_a_setting_the_own_cell_does_not_take_is_refused_with_the_config(own_cell, make_cfg):
+    with pytest.raises(config.ConfigError, match=r"\(LeakyCell\) takes no recurrent_dropout: leave model.rec"):
+        config.validate(make_cfg(f"model.cell={own_cell}", "model.recurrent_dropout=0.1"))
+    with pytest.raises(config.ConfigError, match="leave model.init_scale unset"):
+        config.validate(make_cfg(f"model.cell={own_cell}", "model.init_scale=0.1"))
+    assert config.validate(make_cfg(f"model.cell={own_cell}", "model.recurrent_dropout=0", "model.init_scale=null"))
+    assert cells.display("not_importable_here:MyCell") == "MyCell"  # a report needs only its name
+
+
+def test_an_edit_of_the_cell_code_is_another_configuration_and_another_fingerprint(tmp_path, make_cfg, monkeypatch):
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    module = folder / "bio_cells.py"  # a module whose name starts with "bi" is not a bidirectional cell
+    module.write_text((REPO / "examples" / "my_cell.py").read_text())
+    monkeypatch.syspath_prepend(str(folder))
+    cfg = make_cfg("model.cell=bio_cells:LeakyCell")
+    before = config.fingerprint(cfg), config.config_id(cfg, "data", "float32")
+    assert (
+        cells.display("bio_cells:LeakyCell") == "LeakyCell" and cells.display("bibio_cells:LeakyCell") == "BiLeakyCell"
+    )
+    module.write_text(module.read_text() + "\n# a change to the cell's code\n")
+    after = config.fingerprint(cfg), config.config_id(cfg, "data", "float32")
+    assert before[0] != after[0] and before[1] != after[1]
+    built_in = make_cfg()
+    assert cells.code_digest("lstm") is None and "cell_code" not in json.dumps(config.result_config(built_in))
+    cells.unregister("bio_cells:LeakyCell")
 
 
 UNDECORATED = """

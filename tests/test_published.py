@@ -84,6 +84,8 @@ def test_the_report_links_a_source_that_has_a_url():
     lines = figures.anchors_section(compare.anchors(anchored_runs(3)))
     assert "[Smith, A paper (2019)](https://example.org/paper)" in "\n".join(lines)
     assert "url" not in lines[-1].splitlines()[0]  # the link replaces the column
+    one_seed = figures.anchors_section(compare.anchors(anchored_runs(1)))[-1]
+    assert "nan" not in one_seed and "| –" in one_seed  # no interval from one seed: a dash, not "nan"
 
 
 # --- Product files speak of rnnlab alone ---------------------------------------------------------------------------

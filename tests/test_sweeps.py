@@ -648,6 +648,11 @@ def test_a_search_with_a_diverged_trial_finishes_a_grid_with_a_failed_job_does_n
     child(client, grid, "FINISHED", config_id="a", seed="1")
     child(client, grid, "FAILED", config_id="a", seed="2")
     assert tracking.finish_sweep(grid, 2, uri=mlflow_store) == "FAILED"
+    early = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
+    child(client, early, "FINISHED", config_id="a", seed="1")  # and three jobs that failed before their run existed
+    assert tracking.finish_sweep(early, 4, uri=mlflow_store) == "FAILED"
+    metrics = client.get_run(early).data.metrics
+    assert (metrics["sweep/finished"], metrics["sweep/failed"], metrics["sweep/without_run"]) == (1, 0, 3)
     resumed = client.create_run(experiment, tags={"sweep_role": "parent"}).info.run_id
     child(client, resumed, "KILLED")  # SIGTERM'd before its tags were logged: which job it was is unknown
     child(client, resumed, "FINISHED", config_id="a", seed="1")

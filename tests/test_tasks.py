@@ -164,3 +164,22 @@ def test_a_diverged_language_model_fails_instead_of_finishing(tiny_ptb, tmp_path
     runs = client.search_runs([client.get_experiment_by_name("rnnlab-ptb").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
     assert all("diverged" in r.data.tags["error"] or "loss became" in r.data.tags["error"] for r in runs)
+
+
+def test_a_tensorflow_warning_is_printed_once_through_the_root_handler(capsys):
+    import logging
+
+    root, tf_logger = logging.getLogger(), logging.getLogger("tensorflow")
+    own, mine = logging.StreamHandler(), logging.StreamHandler()  # TensorFlow's own, as at its import; Hydra's
+    own.setFormatter(logging.Formatter("TF %(message)s"))
+    mine.setFormatter(logging.Formatter("ROOT %(message)s"))
+    tf_logger.addHandler(own)
+    root.addHandler(mine)
+    try:
+        tasks.one_log_handler()
+        tf_logger.warning("triggered tf.function retracing")
+    finally:
+        root.removeHandler(mine)
+        tf_logger.removeHandler(own)
+    assert capsys.readouterr().err.splitlines().count("ROOT triggered tf.function retracing") == 1
+    assert own not in tf_logger.handlers

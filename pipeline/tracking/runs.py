@@ -43,7 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline import cells  # noqa: E402
-from pipeline.config import result_config  # noqa: E402
+from pipeline.config import preset_changes, result_config  # noqa: E402
 from pipeline.redaction import redact, redacted  # noqa: E402
 from pipeline.sweep import Pruned
 
@@ -129,6 +129,13 @@ def preset_name() -> str | None:
     return HydraConfig.get().runtime.choices.get("experiment")
 
 
+def preset_overrides() -> list[str]:
+    """This Hydra job's command-line overrides that change its preset (``config.preset_changes``)."""
+    if not HydraConfig.initialized():
+        return []
+    return preset_changes(list(HydraConfig.get().overrides.task))
+
+
 def run_tags(
     cfg: DictConfig, fingerprint: str, job_id: str, data_digest: str, params_count: int, precision: str
 ) -> dict:
@@ -136,13 +143,15 @@ def run_tags(
     (``config_id``: all but the seed), the code and data versions, size, preset and its published anchor."""
     commit, dirty = git_state(cfg.paths.root)
     anchor = {f"anchor.{k}": v for k, v in cfg.anchor.items() if v is not None} if cfg.anchor.value is not None else {}
-    preset = preset_name()
+    preset, changes = preset_name(), preset_overrides()
     return {
         "config_id": job_id,
         **({"preset": preset} if preset else {}),
+        **({"preset_changes": " ".join(changes)} if preset and changes else {}),
         **anchor,
         "dataset": cfg.data.name,
         "cell": ("bi" if cfg.model.bidirectional else "") + cfg.model.cell,
+        **({"cell_code": code} if (code := cells.code_digest(cfg.model.cell)) else {}),
         "git_commit": commit,
         "git_dirty": dirty,
         "data_digest": data_digest,

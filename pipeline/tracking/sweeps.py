@@ -71,6 +71,7 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
     finished = sum("FINISHED" in states for states in attempts.values())
     failed = sum("FINISHED" not in states and "FAILED" in states for states in attempts.values())
     jobs = max(jobs or 0, len(attempts))
+    runless = jobs - len(attempts)  # jobs that ended before their run started (a config error, a crash at start)
     client.log_batch(
         parent_id,
         metrics=[
@@ -80,6 +81,7 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
                 ("sweep/children", len(children)),
                 ("sweep/finished", finished),
                 ("sweep/failed", failed),
+                ("sweep/without_run", runless),
             ]
         ],
     )
@@ -91,7 +93,16 @@ def finish_sweep(parent_id: str, jobs: int | None = None, stopped: str | None = 
     except Exception as err:
         log.warning("could not log the sweep's comparison on its parent run %s: %s", parent_id, _short(err))
     client.set_terminated(parent_id, status=status)
-    log.info("sweep %s: %d of %d jobs FINISHED, %d FAILED (parent %s)", status, finished, jobs, failed, parent_id)
+    without = f", {runless} ended before their run started (their error is in the log above)" if runless else ""
+    log.info(
+        "sweep %s: %d of %d jobs launched FINISHED, %d FAILED%s (parent %s)",
+        status,
+        finished,
+        jobs,
+        failed,
+        without,
+        parent_id,
+    )
     return status
 
 
@@ -315,6 +326,8 @@ class SweepCallback(Callback):
         os.environ.pop(sweep.SWEEP_DIR_ENV, None)
         if status != "FINISHED":
             log.error(
-                "sweep FAILED: not every job finished (parent run %s); see the FAILED runs' error tag", self.parent
+                "sweep FAILED: not every job finished (parent run %s); a FAILED run's error tag says why, and a job "
+                "that failed before its run started says so in the log above",
+                self.parent,
             )
             raise SweepFailed(1)
