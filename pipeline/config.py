@@ -580,10 +580,21 @@ def _check_own_cell(model: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+def _check_top_keys(cfg: DictConfig, top: str) -> None:
+    """A top-level key no entry point has (``+seeed=7``: ``+`` adds a key Hydra would otherwise refuse) is a typo."""
+    known = {f.name for schema in TOP_SCHEMAS.values() for f in fields(schema)} | {"hydra"}
+    for key in (k for k in cfg if k not in known):
+        names = [f.name for f in fields(TOP_SCHEMAS[top])]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        guess = f"; did you mean {close[0]}?" if close else "."
+        raise ConfigError(f"{key}: no such key at the top level{guess} Valid keys there: {', '.join(names)}.")
+
+
 def validate(cfg: DictConfig, top: str = "config") -> DictConfig:
     """Fail early, naming the key, its value and the valid ones, on values the schema types cannot rule out.
     ``top`` names the entry point (conf/<top>.yaml); of a larger config (a training config handed to ``prepare``)
     only the sections that entry point reads are checked."""
+    _check_top_keys(cfg, top)
     cfg = OmegaConf.masked_copy(cfg, [f.name for f in fields(TOP_SCHEMAS[top]) if f.name in cfg])
     _check_schema(cfg, schema_of(cfg, top), resolve=top == "config" or "data" in cfg)  # others name no dataset
     bounds, choices = (

@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> list[Path]:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (DownloadError, DataError) as err:
+    except (DownloadError, DataError, config.ConfigError) as err:
         log.error("%s", err)  # what was tried and how to fix it, no traceback
         sys.exit(1)
 

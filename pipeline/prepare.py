@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (data.DataError, DownloadError) as err:
+    except (data.DataError, DownloadError, config.ConfigError) as err:
         log.error("%s", err)  # a missing or unverified input: the message says what to run, no traceback
         sys.exit(1)
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 MASK = "***"
 # scheme://user:password@  ->  scheme://user:***@   (the password is anything up to the last @ before the host)
 _IN_TEXT = re.compile(
@@ -62,3 +64,25 @@ class RedactFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
+
+
+class RedactCallback(Callback):
+    """Every entry point's Hydra callback (conf/common/hydra.yaml): masks credentials in the configs Hydra saves
+    (``.hydra/*.yaml``, a sweep's ``multirun.yaml``) and in what it prints of a failed job (its overrides and the
+    error's message), which go around the logging filter."""
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        if config.hydra.output_subdir is not None:
+            for path in (Path(config.hydra.runtime.output_dir) / config.hydra.output_subdir).glob("*.yaml"):
+                redact_file(path)
+        if config.hydra.mode is not None and config.hydra.mode.name == "MULTIRUN":
+            redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        job_return.overrides = [redact_text(str(o)) for o in job_return.overrides or []]
+        error = getattr(job_return, "_return_value", None)
+        if isinstance(error, BaseException):
+            error.args = tuple(redact(arg) for arg in error.args)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")

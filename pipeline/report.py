@@ -417,7 +417,11 @@ def run(cfg: DictConfig) -> dict[str, pd.DataFrame]:
 
 @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except (config.ConfigError, tracking.TrackingError) as err:
+        log.error("%s", err)  # a config value or a store that cannot be used: the message says how to fix it
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def run(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         log.info("published results -> %s", run(cfg))
-    except StudyError as err:
+    except (StudyError, config.ConfigError, tracking.TrackingError) as err:
         log.error("%s", err)
         raise SystemExit(1) from None
 

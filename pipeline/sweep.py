@@ -41,6 +41,9 @@ class SweepError(ValueError):
     """A sweep option that cannot work; the message says how to write it."""
 
 
+SHOW_FLAGS = {"--cfg", "-c", "--info", "-i"}  # Hydra's flags that print a config instead of running it
+
+
 def expand_seeds(argv: list[str]) -> list[str]:
     """``seeds=N`` -> ``seed=1,...,N`` (and multirun mode); every other argument unchanged."""
     found = [(i, m) for i, a in enumerate(argv) if (m := _SEEDS.fullmatch(a))]
@@ -54,6 +57,9 @@ def expand_seeds(argv: list[str]) -> list[str]:
         raise SweepError(f"seeds must be a whole number of seeds from 1 to {MAX_SEEDS} (seeds 1..N), got {value!r}")
     if any(a.lstrip("+~").startswith("seed=") for a in argv):
         raise SweepError("give either seeds=N (seeds 1..N) or seed=a,b,c, not both")
+    if SHOW_FLAGS & set(argv):  # Hydra shows one config, not a sweep's: the first job's
+        log.warning("seeds=%s: showing the first job's config (seed=1)", value)
+        return [*argv[:index], "seed=1", *argv[index + 1 :]]
     seeds = ["seed=" + ",".join(str(s) for s in range(1, int(value) + 1))]
     if not {"-m", "--multirun"} & set(argv) and not any(a.startswith("hydra.mode=") for a in argv):
         seeds.append("hydra.mode=MULTIRUN")  # beside the seeds: an override after a flag's value would be refused

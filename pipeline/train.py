@@ -57,23 +57,28 @@ class Interrupted(KeyboardInterrupt):
         self.run_id, self.epochs_done, self.signum = run_id, epochs_done, signum
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler or `kill`, a closed terminal
+
+
 @contextmanager
 def sigterm_as_interrupt(interrupts: tracking.Interrupts):
-    """SIGTERM (a scheduler, `kill`) ends training like Ctrl-C: the run is marked KILLED, the checkpoint kept."""
+    """Ctrl-C, SIGTERM and SIGHUP end training alike: the run is marked KILLED, the checkpoint kept. Each is held
+    while a store write is under way (``tracking.Interrupts``): cut in half, it could leave the run RUNNING."""
 
     def handler(signum, frame):
         if interrupts.note(signum):
             raise KeyboardInterrupt(f"signal {signum}")
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     except ValueError:  # not the main thread (e.g. a parallel launcher): leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def size_to_budget(cfg: DictConfig, meta: dict[str, Any]) -> None:
@@ -95,7 +100,7 @@ def size_to_budget(cfg: DictConfig, meta: dict[str, Any]) -> None:
 
 
 def resume_target(
-    cfg: DictConfig, fingerprint: str, client: Any = None
+    cfg: DictConfig, fingerprint: str, data_digest: str, client: Any = None
 ) -> tuple[str | None, tracking.RunLock | None, list[str]]:
     """The run to continue (``trainer.resume_run_id``, or with ``trainer.resume`` the newest unfinished run of the
     same config) and its lock, held from now on; (None, None, superseded) to start afresh, where ``superseded`` is
@@ -113,12 +118,14 @@ def resume_target(
             return None, None, []
     if not run_id:
         return None, None, []
-    status = tracking.run_state(cfg.tracking, run_id, client) if cfg.tracking.enabled else "KILLED"
+    described = tracking.describe_run(cfg.tracking, run_id, client=client) if cfg.tracking.enabled else {}
+    status = described.get("status", "KILLED")
     if status == "FINISHED":
         raise TrainingError(
             f"run {run_id} is FINISHED: it is complete and is never reopened. To train it further, start a new run "
             "(drop trainer.resume_run_id / trainer.resume), e.g. with more trainer.epochs."
         )
+    same_run(cfg, fingerprint, data_digest, run_id, described)
     lock = lock_run(cfg, run_id)
     folder = Path(cfg.paths.checkpoints) / run_id
     if Checkpoint(folder).exists():
@@ -131,6 +138,27 @@ def resume_target(
         tracking.supersede(cfg.tracking, [run_id], client=client)
     raise TrainingError(
         f"run {run_id} ({status}) has no complete checkpoint at {folder}: it cannot be resumed. Start a new run."
+    )
+
+
+def same_run(cfg: DictConfig, fingerprint: str, data_digest: str, run_id: str, described: dict[str, Any]) -> None:
+    """A resumed run trains on as it started: its config, seed, cell code and data. Anything else would leave a
+    record that contradicts itself (params of one config, epochs of another): refused, naming what differs."""
+    tags, params = described.get("tags", {}), described.get("params", {})
+    if tags.get("data_digest", data_digest) != data_digest:
+        raise config.ConfigError(
+            f"trainer.resume_run_id={run_id}: the prepared data changed since the run started (its data_digest "
+            f"{tags['data_digest'][:12]}, now {data_digest[:12]}); start a new run"
+        )
+    if tags.get("config_hash", fingerprint) == fingerprint:
+        return
+    now = tracking.flatten(config.result_config(cfg))
+    differ = [
+        f"{k}={params.get(k)} (now {now.get(k)})" for k in sorted(now) if str(now[k]) != str(params.get(k, now[k]))
+    ]
+    raise config.ConfigError(
+        f"trainer.resume_run_id={run_id}: the run started with other settings: {', '.join(differ) or 'its cell code'}."
+        " Resume it with the settings it started with (its params), or start a new run"
     )
 
 
@@ -226,7 +254,7 @@ def where_to_start(cfg: DictConfig, dataset: data.Dataset, client: Any) -> Start
     if earlier:
         with open_dict(cfg):
             cfg.trainer.resume_run_id = earlier
-    start.resume_run_id, start.lock, replaced = resume_target(cfg, start.fingerprint, client)
+    start.resume_run_id, start.lock, replaced = resume_target(cfg, start.fingerprint, dataset.digest, client)
     start.superseded += replaced
     return start
 
@@ -383,7 +411,7 @@ def resume_command(run_id: str) -> str:
 
 
 def interrupted_message(err: Interrupted) -> str:
-    how = f"signal {err.signum}" if err.signum else "Ctrl-C"
+    how = "Ctrl-C" if err.signum in (None, signal.SIGINT) else signal.Signals(err.signum).name
     if not err.run_id:
         return f"interrupted ({how}) before the run started: nothing to resume"
     kept = f"its checkpoint after epoch {err.epochs_done} is kept" if err.epochs_done else "no epoch had finished"

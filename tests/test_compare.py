@@ -318,12 +318,13 @@ def test_seeds_expand_to_the_same_seeds_for_every_configuration():
     assert sweep.expand_seeds(["model=gru"]) == ["model=gru"]
 
 
-def test_seeds_before_a_hydra_flag_still_parse():
+def test_seeds_before_a_hydra_flag_still_parse_and_showing_the_config_shows_the_first_jobs():
     from hydra._internal.utils import get_args_parser
 
-    expanded = sweep.expand_seeds(["seeds=3", "--cfg", "job"])
-    args = get_args_parser().parse_args(expanded)  # Hydra's own command line: a trailing override was refused
-    assert args.cfg == "job" and args.overrides == ["seed=1,2,3", "hydra.mode=MULTIRUN"]
+    expanded = sweep.expand_seeds(["seeds=3", "hydra.verbose=true"])
+    assert expanded == ["seed=1,2,3", "hydra.mode=MULTIRUN", "hydra.verbose=true"]  # the mode beside the seeds
+    args = get_args_parser().parse_args(sweep.expand_seeds(["seeds=3", "--cfg", "job"]))
+    assert args.cfg == "job" and args.overrides == ["seed=1"]  # Hydra shows one config: a sweep it refuses
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,13 @@ def test_misspelt_key_fails_at_compose_listing_the_valid_keys():
     assert err.value.__cause__ is None  # so Hydra prints this message alone
 
 
+@pytest.mark.parametrize("top", ["config", "prepare", "report"])
+def test_a_top_level_key_added_with_plus_that_no_entry_point_has_is_a_typo(top):
+    with pytest.raises(config.ConfigError, match=r"^seeed: no such key at the top level(; did you mean seed\?)?"):
+        config.validate(compose_config(["+seeed=7"], top), top)
+    assert config.validate(compose_config(["seed=7"]), "prepare")  # a training config handed to prepare: fine
+
+
 def test_an_unknown_cell_type_says_how_to_name_an_own_cell():
     with pytest.raises(config.ConfigError, match=r"'my_cell.Leaky'; choose one of rnn, .*, or package.module:Class"):
         config.validate(compose_config(["model.cell=my_cell.Leaky"]))

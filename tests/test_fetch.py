@@ -66,10 +66,13 @@ class LyingHandler(http.server.BaseHTTPRequestHandler):
     body = b"abcdefghij" * 500
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/auth/") and self.headers.get("Authorization") != "Basic YWxpY2U6czMgY3JldA==":
+            self.send_error(401)  # /auth/ wants alice's password "s3 cret"
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
-        self.wfile.write(self.body if self.path.startswith("/ok/") else self.body[: len(self.body) // 2])
+        self.wfile.write(self.body if self.path.startswith(("/ok/", "/auth/")) else self.body[: len(self.body) // 2])
 
     def log_message(self, *args):
         pass
@@ -97,6 +100,15 @@ def test_url_mirror_and_truncated_transfer(server, tmp_path):
     with pytest.raises(DownloadError, match=r"truncated transfer: got 2500 of 5000 bytes"):
         fetch.fetch(short, [Source(f"{server}/short/ds/file.bin")], sha256=sha(body))
     assert leftovers(short.parent) == ["file.bin"]
+
+
+def test_a_mirror_url_with_a_password_logs_in_by_basic_authentication(server, tmp_path):
+    body, host = LyingHandler.body, server.removeprefix("http://")
+    fetch.fetch(tmp_path / "a.bin", [Source(f"http://alice:s3%20cret@{host}/auth/ds/file.bin")], sha256=sha(body))
+    assert (tmp_path / "a.bin").read_bytes() == body
+    with pytest.raises(DownloadError, match="401") as err:
+        fetch.fetch(tmp_path / "b.bin", [Source(f"http://alice:wrong@{host}/auth/ds/file.bin")], sha256=sha(body))
+    assert "wrong" not in str(err.value)  # the password is never in the message
 
 
 def test_unreachable_host_fails_fast_and_names_the_mirror_option(tmp_path):

@@ -63,3 +63,33 @@ def test_the_log_filter_masks_messages_and_their_arguments(caplog):
 def test_hydra_escaped_overrides_are_masked_too():
     line = r"#0 : tracking.uri=http\://alice\:s3cr3t-pw@127.0.0.1\:50935 model=rnn"
     assert redact_text(line) == r"#0 : tracking.uri=http\://alice\:***@127.0.0.1\:50935 model=rnn"
+
+
+def test_a_failed_job_prints_its_overrides_and_error_masked(capsys):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from pipeline.redaction import RedactCallback
+
+    failed = JobReturn(overrides=["tracking.uri=http://bob:hunter2@h:9", "seed=1"], status=JobStatus.FAILED)
+    failed.return_value = RuntimeError("cannot reach http://bob:hunter2@h:9/api")
+    RedactCallback().on_job_end(None, failed)
+    with pytest.raises(RuntimeError) as err:
+        _ = failed.return_value  # what Hydra does next: print the overrides, raise the error for its traceback
+    assert "hunter2" not in capsys.readouterr().err + str(err.value)
+    assert failed.overrides == ["tracking.uri=http://bob:***@h:9", "seed=1"]
+
+
+@pytest.mark.integration  # a real entry point's process (not the training stage)
+def test_a_stage_other_than_training_saves_no_password_in_hydras_files(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    argv = [sys.executable, "-m", "pipeline.download", "data=ptb", f"paths.root={tmp_path}"]
+    argv += ["download.mirror=http://alice:s3cret@127.0.0.1:1/m", "download.timeout=5"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "alice:***@" in done.stderr + done.stdout
+    saved = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "overrides.yaml" for p in saved)
+    assert not [p for p in saved if "s3cret" in p.read_text(errors="replace")] and "s3cret" not in done.stderr

@@ -64,7 +64,7 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path):
     # One line, no traceback, with the command that continues the run.
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     assert re.search(
-        rf"interrupted \(signal 15\): run {killed.info.run_id} is KILLED, its checkpoint after epoch \d is kept\. "
+        rf"interrupted \(SIGTERM\): run {killed.info.run_id} is KILLED, its checkpoint after epoch \d is kept\. "
         rf"Continue it with: python -m pipeline\.train paths\.root=\S+ .*trainer\.resume_run_id={killed.info.run_id}",
         output,
     ), output[-3000:]
@@ -176,11 +176,52 @@ def test_nan_loss_in_a_real_process_fails_the_run_with_a_message(make_cfg, tmp_p
     assert run.info.status == "FAILED"
 
 
-def test_a_sigterm_during_a_store_write_takes_effect_after_it():
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_during_a_store_write_takes_effect_after_it_and_a_second_one_at_once(signum):
     interrupts = tracking.Interrupts()
     written = []
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM during a store write"), interrupts.writing():
-        assert interrupts.note(15) is False  # not now: the write would be cut in half
+    with pytest.raises(KeyboardInterrupt, match="stopped during a store write"), interrupts.writing():
+        assert interrupts.note(signum) is False  # not now: the write would be cut in half
         written.append("metrics")
-    assert written == ["metrics"] and interrupts.requested and interrupts.signal == 15
-    assert interrupts.note(15) is True  # outside a write: at once
+    assert written == ["metrics"] and interrupts.requested and interrupts.signal == signum
+    assert interrupts.note(signum) is True  # outside a write: at once
+    with pytest.raises(KeyboardInterrupt), interrupts.writing():
+        assert interrupts.note(signum) is False and interrupts.note(signum) is True  # pressed twice: a hung store
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_and_a_closed_terminal_stop_training_as_sigterm_does(signum):
+    interrupts = tracking.Interrupts()
+    with pytest.raises(KeyboardInterrupt), train.sigterm_as_interrupt(interrupts):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises here, at the next bytecode
+    assert interrupts.signal == signum and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    name = train.interrupted_message(train.Interrupted(None, 0, signum))
+    assert name.startswith("interrupted (Ctrl-C)" if signum == signal.SIGINT else "interrupted (SIGHUP)")
+
+
+def test_a_run_is_resumed_only_with_the_settings_seed_and_data_it_started_with(make_cfg, tmp_path, mlflow_store):
+    """Another learning rate, seed or prepared data would leave a record that contradicts itself: refused before
+    the run is touched, naming what differs."""
+    prepare.run(make_cfg(*COMMON))
+    overrides = (*COMMON, *QUICK, "trainer.epochs=1")
+    started = config.validate(make_cfg(*overrides, "optimizer.learning_rate=0.002", "seed=7"))
+    client = tracking.connect(started.tracking)
+    experiment = tracking.setup_experiment(started.tracking, client)
+    run_id = client.create_run(experiment, tags={"config_hash": config.fingerprint(started)}).info.run_id
+    for key, value in tracking.flatten(config.result_config(started)).items():
+        client.log_param(run_id, key, value)
+    client.set_terminated(run_id, "KILLED")
+    differ = r"the run started with other settings: optimizer.learning_rate=0.002 \(now 0.001\), seed=7 \(now 42\)"
+    with pytest.raises(config.ConfigError, match=differ):
+        train.run(make_cfg(*overrides, f"trainer.resume_run_id={run_id}"))
+    client.set_tag(run_id, "data_digest", "0" * 64)
+    with pytest.raises(config.ConfigError, match="the prepared data changed since the run started"):
+        train.run(make_cfg(*overrides, "optimizer.learning_rate=0.002", "seed=7", f"trainer.resume_run_id={run_id}"))
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_resumed_run_keeps_the_tags_it_started_with_and_records_what_changed():
+    first = {"git_commit": "aaa", "git_dirty": "False", "seed": "7"}
+    now = {"git_commit": "bbb", "git_dirty": False, "seed": 7, "kernels": "fused"}
+    assert tracking.resumed_tags(first, now) == {"kernels": "fused", "resumed.git_commit": "bbb"}

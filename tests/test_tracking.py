@@ -208,3 +208,20 @@ def test_runs_reports_and_searches_starting_together_on_a_new_store_all_succeed(
     client = MlflowClient(uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "rnnlab-race"]
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_an_untracked_code_file_makes_the_checkout_dirty_and_an_untracked_output_does_not(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    (tmp_path / "notes.md").write_text("an output or a note\n")
+    assert tracking.git_state(tmp_path)[1] is False
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mgu2.yaml").write_text("cell: mgu2\n")  # a new model config the commit does not hold
+    assert tracking.git_state(tmp_path)[1] is True

@@ -8,6 +8,7 @@ would become part of the output, and a corrupt download is no one's work: the so
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
@@ -16,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.data import DataError
+from pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class Source:
         return "://" in self.location
 
     def __str__(self) -> str:
-        return self.location
+        return redact(self.location)  # a mirror's password never reaches a message
 
 
 def sha256_file(path: Path) -> str:
@@ -130,11 +133,23 @@ def mirror_source(mirror: str | None, dataset: str, filename: str) -> Source | N
     return Source(str(root / dataset / filename))
 
 
+def _request(url: str) -> urllib.request.Request:
+    """A GET of ``url``; a mirror's ``user:password@`` goes into HTTP basic authentication (urllib would take it
+    for part of the host name)."""
+    parts = urllib.parse.urlsplit(url)
+    headers = {"User-Agent": "rnnlab"}
+    if parts.username is not None:
+        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return urllib.request.Request(url, headers=headers)
+
+
 @contextlib.contextmanager
 def _open_source(source: Source, timeout: float) -> Iterator[tuple[object, int | None]]:
     """A readable binary stream and its size (None when unknown)."""
     if source.is_url:
-        request = urllib.request.Request(source.location, headers={"User-Agent": "rnnlab"})
+        request = _request(source.location)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             yield response, int(length) if length else None

@@ -61,10 +61,12 @@ class TrackingError(RuntimeError):
 
 
 class Interrupts:
-    """Whether the process was told to stop (SIGTERM), shared by the signal handler and the run it stops.
+    """Whether the process was told to stop (Ctrl-C, SIGTERM, SIGHUP), shared by the signal handler and the run it
+    stops.
 
-    A SIGTERM in the middle of a store write is held until the write is done: an exception that cut the write in
-    half could leave the store's session unable to mark the run KILLED."""
+    A stop in the middle of a store write is held until the write is done: an exception that cut the write in half
+    could leave the store's session unable to mark the run KILLED. A second one during the same write stops at once
+    (a store that hangs must not make the process unstoppable)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -75,7 +77,7 @@ class Interrupts:
     def note(self, signum: int | None = None) -> bool:
         """Record the request; return whether to interrupt now (not in the middle of a store write)."""
         self.requested, self.signal = True, signum
-        if self._writing:
+        if self._writing and not self._deferred:
             self._deferred = True
             return False
         return True
@@ -90,7 +92,7 @@ class Interrupts:
             self._writing -= 1
             if not self._writing and self._deferred:
                 self._deferred = False
-                raise KeyboardInterrupt("SIGTERM during a store write")
+                raise KeyboardInterrupt("stopped during a store write")
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -105,21 +107,26 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+CODE_SUFFIXES = (".py", ".yaml", ".yml")  # an untracked file of these can change a run (a new cell, model config)
+
+
 def git_state(root: str | Path) -> tuple[str, bool]:
-    """(commit, dirty) of the checkout at ``root``; ("unknown", False) outside git."""
+    """(commit, dirty) of the checkout at ``root``; ("unknown", False) outside git. Dirty: a tracked file changed,
+    or an untracked code or config file (``CODE_SUFFIXES``; not ignored) that the commit does not hold."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
-    return commit, bool(status.strip())
+    changed = [line for line in status.splitlines() if not line.startswith("??") or line.endswith(CODE_SUFFIXES)]
+    return commit, bool(changed)
 
 
 def preset_name() -> str | None:
@@ -574,7 +581,7 @@ def start_run(
             tracker.log_text(OmegaConf.to_yaml(redacted(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
         parent = sweep_parent()
         sweep_tags = {"sweep": _sweep_name(client, parent), "sweep_parent": parent} if parent else {}
-        tracker.set_tags({**tags, **sweep_tags})
+        tracker.set_tags({**(resumed_tags(run.data.tags, tags) if resume_run_id else tags), **sweep_tags})
         verb = "resumed" if resume_run_id else "started"
         log.info(
             "MLflow run %s %s in %r at %s", tracker.run_id, verb, cfg.tracking.experiment, redact(cfg.tracking.uri)
@@ -591,6 +598,15 @@ def start_run(
         _end_run("KILLED" if killed else "FAILED")
         raise
     _end_run("FINISHED")
+
+
+def resumed_tags(first: Mapping[str, str], now: Mapping[str, Any]) -> dict[str, Any]:
+    """A resumed run's tags: those it started with stay (the commit and data that trained its first epochs); a
+    value that differs now is kept beside, as ``resumed.<tag>`` (the commit that trained the rest)."""
+    return {
+        **{key: value for key, value in now.items() if key not in first},
+        **{f"resumed.{key}": value for key, value in now.items() if key in first and first[key] != str(value)},
+    }
 
 
 def _open_run(cfg: DictConfig, client: MlflowClient, tags: Mapping[str, Any], experiment_id: str, resume: str | None):

@@ -15,7 +15,6 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import sweep
 from pipeline.objective import of_runs
-from pipeline.redaction import redact, redact_file
+from pipeline.redaction import redact
 from pipeline.tracking.runs import (
     ERROR_TAG_CHARS,
     ORPHAN_NOTE,
@@ -302,17 +301,7 @@ class SweepCallback(Callback):
         os.environ[SWEEP_STORE_ENV] = config.tracking.uri
         os.environ[sweep.SWEEP_DIR_ENV] = str(config.hydra.sweep.dir)
 
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Hydra has just saved this job's configs and the sweep's: mask any credential in them."""
-        output = Path(config.hydra.runtime.output_dir)
-        if config.hydra.output_subdir is not None:
-            for path in (output / config.hydra.output_subdir).glob("*.yaml"):
-                redact_file(path)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
-
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
         if not self.parent:
             return
         jobs = sum(p.is_dir() and p.name.isdigit() for p in Path(config.hydra.sweep.dir).iterdir())
