@@ -183,11 +183,13 @@ def prefix(name: str) -> str:
     return name.partition(":")[2].lower() if is_path(name) else name
 
 
-def display(name: Any) -> str:
-    """``lstm`` -> ``LSTM``, ``bilstm`` -> ``BiLSTM`` (a run's ``cell`` tag); anything else as it is."""
+def display(name: Any, bidirectional: bool | None = None) -> str:
+    """``lstm`` -> ``LSTM``, ``bilstm`` -> ``BiLSTM`` (a run's ``cell`` tag); anything else as it is.
+    ``bidirectional``: the run's ``model.bidirectional`` where known, which tells ``bio_cells:Cell`` (a module
+    named bio_cells) from ``o_cells:Cell`` both ways when the module does not import here."""
     text = str(name or "") or "?"
     if is_path(text):
-        bidirectional, path = own_path(text)
+        bidirectional, path = own_path(text) if bidirectional is None else (bidirectional, text[2 * bidirectional :])
         return ("Bi" if bidirectional else "") + _path_display(path)
     known = names()
     if text in known:
@@ -245,7 +247,7 @@ def own_path(tag: str) -> tuple[bool, str]:
         return False, tag
     try:
         found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    except Exception:  # its package's own code failed: not findable here
         found = False
     return (False, tag) if found else (True, tag[2:])
 

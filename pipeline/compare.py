@@ -80,29 +80,40 @@ def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> p
     table["best_val"] = table["run_id"].map(objective.best_val(curves))
     table["s_per_epoch"] = table["run_id"].map(seconds)
     for col in runs.columns:
-        if col.startswith(("params.", "tags.anchor.", "tags.baseline.", "tags.preset", "tags.sweep")):
+        if col.startswith(("params.", "tags.anchor.", "tags.baseline.", "tags.preset", "tags.sweep", "tags.cell_code")):
             table[col] = runs[col].values
     table = table.sort_values("end_time", kind="stable")  # a repeated seed counts once: its newest run
     return table.drop_duplicates(["config_id", "seed"], keep="last").reset_index(drop=True)
 
 
 def varying_params(runs: pd.DataFrame) -> list[str]:
-    """The params that differ between configurations (the seed and the cell's own columns aside)."""
+    """The params that differ between configurations (the seed and the cell's own columns aside), and an own cell's
+    code version where runs of one cell ran different code (its ``cell_code`` tag)."""
     configs = runs.drop_duplicates("config_id")
+    code = "tags.cell_code" in configs and configs.groupby("cell")["tags.cell_code"].nunique().max() > 1
     return sorted(  # sorted: a configuration's label is the same whatever order the store returned the columns in
-        c
-        for c in runs.columns
-        if c.startswith("params.") and c not in NOT_VARYING and configs[c].astype(str).nunique() > 1
+        [
+            c
+            for c in runs.columns
+            if c.startswith("params.") and c not in NOT_VARYING and configs[c].astype(str).nunique() > 1
+        ]
+        + (["tags.cell_code"] if code else [])
     )
 
 
 def cell_names(runs: pd.DataFrame) -> dict[Any, str]:
     """Each ``cell`` tag's name in tables: its display name (``LSTM``), or an own cell's import path where two cells
     share one (``cella:Cell`` and ``cellb:Cell``; ``LSTM`` and ``keras.layers:LSTM``)."""
-    shown = {cell: cells.display(cell) for cell in runs["cell"].drop_duplicates()}
+    both = runs.groupby("cell")["params.model.bidirectional"].first() if "params.model.bidirectional" in runs else {}
+    shown = {cell: cells.display(cell, _flag(both.get(cell))) for cell in runs["cell"].drop_duplicates()}
     clashing = {name for name in shown.values() if list(shown.values()).count(name) > 1}
     own = {cell for cell in shown if cells.is_path(str(cell))}
     return {cell: str(cell) if name in clashing and cell in own else name for cell, name in shown.items()}
+
+
+def _flag(value: Any) -> bool | None:
+    """A logged boolean param (``"True"``), or None where the run has none."""
+    return None if value is None or pd.isna(value) else str(value) == "True"
 
 
 def label(row: pd.Series, varying: list[str], shown: dict[Any, str] | None = None) -> str:
@@ -112,7 +123,7 @@ def label(row: pd.Series, varying: list[str], shown: dict[Any, str] | None = Non
     cell = (shown or {}).get(row["cell"]) or cells.display(row["cell"])
     pieces: list[str] = []
     names: set[str] = set()
-    for c in (c for c in varying if c not in NOT_IN_LABEL):
+    for c in (c for c in varying if c not in NOT_IN_LABEL and not (c == "tags.cell_code" and pd.isna(row[c]))):
         short = c.split(".")[-1]
         piece = f"{short if short not in names else c.removeprefix('params.')}={row[c]}"
         if f"{short}={row[c]}" not in pieces:
@@ -277,7 +288,10 @@ def anchors(runs: pd.DataFrame) -> pd.DataFrame:
         higher = of_metric(metric).higher
         column = "test" if metric.startswith("test/") else "best_val"
         ours, published = interval(group[column]), float(first["tags.anchor.value"])
-        changes = str(first.get("tags.preset_changes") or "").split()
+        said = group.get("tags.preset_changes", pd.Series([""] * len(group))).fillna("")
+        changes = (
+            [] if (said == "").any() else str(said.iloc[-1]).split()
+        )  # one config: an override that changed nothing
         if changes and not only_budget(changes):
             verdict = "not comparable: the preset with " + " ".join(changes)
         elif ours["n"] < MIN_SEEDS:

@@ -29,7 +29,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.objective import for_kind, of_metrics
-from pipeline.redaction import redact
+from pipeline.redaction import redact, redact_file
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def expand_seeds(argv: list[str]) -> list[str]:
         raise SweepError(f"seeds must be a whole number of seeds from 1 to {MAX_SEEDS} (seeds 1..N), got {value!r}")
     if any(a.lstrip("+~").startswith("seed=") for a in argv):
         raise SweepError("give either seeds=N (seeds 1..N) or seed=a,b,c, not both")
-    if SHOW_FLAGS & set(argv):  # Hydra shows one config, not a sweep's: the first job's
+    if any(a in SHOW_FLAGS or a.startswith(("--cfg=", "--info=")) for a in argv):  # one config: the first job's
         log.warning("seeds=%s: showing the first job's config (seed=1)", value)
         return [*argv[:index], "seed=1", *argv[index + 1 :]]
     seeds = ["seed=" + ",".join(str(s) for s in range(1, int(value) + 1))]
@@ -313,6 +313,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        redact_file(sweep_dir / "multirun.yaml")  # before any job starts: a search with none to run masks it too
         returns, turn = [], 0
         while batch := self._batch(studies, space, fixed, turn):
             turn += len(batch)

@@ -52,9 +52,9 @@ USER_ERRORS = (
 class Interrupted(KeyboardInterrupt):
     """Training was interrupted (Ctrl-C, SIGTERM); carries the run to continue."""
 
-    def __init__(self, run_id: str | None, epochs_done: int, signum: int | None):
+    def __init__(self, run_id: str | None, epochs_done: int, signum: int | None, unmarked: bool = False):
         super().__init__(run_id)
-        self.run_id, self.epochs_done, self.signum = run_id, epochs_done, signum
+        self.run_id, self.epochs_done, self.signum, self.unmarked = run_id, epochs_done, signum, unmarked
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler or `kill`, a closed terminal
@@ -69,8 +69,8 @@ def sigterm_as_interrupt(interrupts: tracking.Interrupts):
         if interrupts.note(signum):
             raise KeyboardInterrupt(f"signal {signum}")
 
-    try:
-        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:  # one the process was started to ignore (nohup, a background job) stays ignored
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     except ValueError:  # not the main thread (e.g. a parallel launcher): leave signals alone
         yield
         return
@@ -125,7 +125,12 @@ def resume_target(
             f"run {run_id} is FINISHED: it is complete and is never reopened. To train it further, start a new run "
             "(drop trainer.resume_run_id / trainer.resume), e.g. with more trainer.epochs."
         )
-    same_run(cfg, fingerprint, data_digest, run_id, described)
+    problem = same_run(cfg, fingerprint, data_digest, described)
+    if problem and found:  # the user asked to continue this config: that run trained on other data
+        log.warning("trainer.resume: run %s %s: training afresh in a new run", run_id, problem)
+        return None, None, []
+    if problem:
+        raise config.ConfigError(f"trainer.resume_run_id={run_id}: {problem}; resume it as it started, or start anew")
     lock = lock_run(cfg, run_id)
     folder = Path(cfg.paths.checkpoints) / run_id
     if Checkpoint(folder).exists():
@@ -141,25 +146,20 @@ def resume_target(
     )
 
 
-def same_run(cfg: DictConfig, fingerprint: str, data_digest: str, run_id: str, described: dict[str, Any]) -> None:
-    """A resumed run trains on as it started: its config, seed, cell code and data. Anything else would leave a
-    record that contradicts itself (params of one config, epochs of another): refused, naming what differs."""
+def same_run(cfg: DictConfig, fingerprint: str, data_digest: str, described: dict[str, Any]) -> str | None:
+    """What keeps a run from resuming with this config, or None: a resumed run trains on as it started, with its
+    config, seed, cell code and data; anything else would leave a record that contradicts itself (the params of one
+    config, the epochs of another). A key the run has no param for is newer than it: it ran with the default."""
     tags, params = described.get("tags", {}), described.get("params", {})
     if tags.get("data_digest", data_digest) != data_digest:
-        raise config.ConfigError(
-            f"trainer.resume_run_id={run_id}: the prepared data changed since the run started (its data_digest "
-            f"{tags['data_digest'][:12]}, now {data_digest[:12]}); start a new run"
-        )
+        return f"trained on other prepared data (data_digest {tags['data_digest'][:12]}, now {data_digest[:12]})"
     if tags.get("config_hash", fingerprint) == fingerprint:
-        return
+        return None
     now = tracking.flatten(config.result_config(cfg))
-    differ = [
-        f"{k}={params.get(k)} (now {now.get(k)})" for k in sorted(now) if str(now[k]) != str(params.get(k, now[k]))
-    ]
-    raise config.ConfigError(
-        f"trainer.resume_run_id={run_id}: the run started with other settings: {', '.join(differ) or 'its cell code'}."
-        " Resume it with the settings it started with (its params), or start a new run"
-    )
+    differ = [f"{k}={params[k]} (now {now[k]})" for k in sorted(now) if k in params and str(now[k]) != params[k]]
+    if "cell_code" in tags and tags["cell_code"] != cells.code_digest(cfg.model.cell):
+        differ.append(f"the code of {cfg.model.cell}")
+    return f"started with other settings: {', '.join(differ)}" if differ else None
 
 
 def lock_run(cfg: DictConfig, run_id: str) -> tracking.RunLock:
@@ -312,10 +312,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         shutil.rmtree(checkpoint.folder, ignore_errors=True)
         return {"metrics": history[-1], "history": history, "run_id": run_id, "pruned": True}
     except KeyboardInterrupt as err:
-        raise Interrupted(run_id, len(history), interrupts.signal) from err
+        raise Interrupted(run_id, len(history), interrupts.signal, interrupts.unmarked) from err
     except Exception as err:
         if interrupts.requested:  # SIGTERM landed inside TensorFlow, which turned it into an error of its own
-            raise Interrupted(run_id, len(history), interrupts.signal) from err
+            raise Interrupted(run_id, len(history), interrupts.signal, interrupts.unmarked) from err
         if isinstance(err, CheckpointError):
             raise err.with_resume(run_id) from err
         raise
@@ -415,7 +415,8 @@ def interrupted_message(err: Interrupted) -> str:
     if not err.run_id:
         return f"interrupted ({how}) before the run started: nothing to resume"
     kept = f"its checkpoint after epoch {err.epochs_done} is kept" if err.epochs_done else "no epoch had finished"
-    return f"interrupted ({how}): run {err.run_id} is KILLED, {kept}. Continue it with: {resume_command(err.run_id)}"
+    status = "could not be marked KILLED (the store failed; the resume ends it)" if err.unmarked else "is KILLED"
+    return f"interrupted ({how}): run {err.run_id} {status}, {kept}. Continue it with: {resume_command(err.run_id)}"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -144,6 +144,36 @@ def test_cells_that_share_a_name_are_told_apart_by_their_paths_and_an_unimportab
     }  # fmt: skip
 
 
+def test_two_code_versions_of_an_own_cell_are_two_labelled_rows_and_a_bi_module_is_not_bidirectional(store):
+    uri, client, exp = store
+    for seed in (1, 2, 3):
+        for config_id, code in (("old", "aaaa1111"), ("new", "bbbb2222")):
+            rid = add_run(client, exp, config_id, seed, 0.8, [0.8], cell="bio_cells:Cell")
+            client.set_tag(rid, "cell_code", code)
+            client.log_param(rid, "model.bidirectional", "False")
+        client.log_param(add_run(client, exp, "lstm", seed, 0.7, [0.7]), "model.bidirectional", "False")
+    table = aggregate_store(uri)[1].set_index("config_id")
+    assert table["label"].to_dict() == {
+        "old": "Cell cell_code=aaaa1111", "new": "Cell cell_code=bbbb2222", "lstm": "LSTM"
+    }  # fmt: skip
+
+
+def test_an_anchor_row_of_one_config_is_comparable_when_one_of_its_runs_is_the_plain_preset():
+    runs = pd.DataFrame(
+        {
+            "config_id": ["a"] * 3,
+            "test": [0.97, 0.98, 0.99],
+            "best_val": [0.97, 0.98, 0.99],
+            "tags.preset": ["mnist_lstm"] * 3,
+            "tags.anchor.metric": ["test/accuracy"] * 3,
+            "tags.anchor.value": ["0.98"] * 3,
+            "tags.anchor.source": ["seed"] * 3,
+            "tags.preset_changes": [None, None, "model=lstm"],  # the same config: the override changed nothing
+        }
+    )
+    assert compare.anchors(runs)["verdict"].tolist() == ["reproduced"]
+
+
 def test_fewer_than_three_seeds_ask_for_more_instead_of_a_p_value(store):
     uri, client, exp = store
     for seed in (1, 2):
@@ -325,6 +355,7 @@ def test_seeds_before_a_hydra_flag_still_parse_and_showing_the_config_shows_the_
     assert expanded == ["seed=1,2,3", "hydra.mode=MULTIRUN", "hydra.verbose=true"]  # the mode beside the seeds
     args = get_args_parser().parse_args(sweep.expand_seeds(["seeds=3", "--cfg", "job"]))
     assert args.cfg == "job" and args.overrides == ["seed=1"]  # Hydra shows one config: a sweep it refuses
+    assert sweep.expand_seeds(["--cfg=job", "seeds=2"]) == ["--cfg=job", "seed=1"]
 
 
 @pytest.mark.parametrize(

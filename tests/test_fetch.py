@@ -66,13 +66,23 @@ class LyingHandler(http.server.BaseHTTPRequestHandler):
     body = b"abcdefghij" * 500
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        if self.path.startswith("/auth/") and self.headers.get("Authorization") != "Basic YWxpY2U6czMgY3JldA==":
-            self.send_error(401)  # /auth/ wants alice's password "s3 cret"
+        login = self.headers.get("Authorization")
+        if self.path.startswith(("/auth/", "/moved/")) and login != "Basic YWxpY2U6czMgY3JldA==":
+            self.send_error(401)  # /auth/ and /moved/ want alice's password "s3 cret"
+            return
+        if self.path.startswith("/moved/"):  # to another host (a CDN, a signed URL): it must not get the login
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cdn/ds/file.bin")
+            self.end_headers()
+            return
+        if self.path.startswith("/cdn/") and login:
+            self.send_error(400, "the login leaked to another host")
             return
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
-        self.wfile.write(self.body if self.path.startswith(("/ok/", "/auth/")) else self.body[: len(self.body) // 2])
+        whole = self.path.startswith(("/ok/", "/auth/", "/cdn/"))
+        self.wfile.write(self.body if whole else self.body[: len(self.body) // 2])
 
     def log_message(self, *args):
         pass
@@ -106,6 +116,8 @@ def test_a_mirror_url_with_a_password_logs_in_by_basic_authentication(server, tm
     body, host = LyingHandler.body, server.removeprefix("http://")
     fetch.fetch(tmp_path / "a.bin", [Source(f"http://alice:s3%20cret@{host}/auth/ds/file.bin")], sha256=sha(body))
     assert (tmp_path / "a.bin").read_bytes() == body
+    fetch.fetch(tmp_path / "c.bin", [Source(f"http://alice:s3%20cret@{host}/moved/ds/file.bin")], sha256=sha(body))
+    assert (tmp_path / "c.bin").read_bytes() == body  # redirected to another host, without the login
     with pytest.raises(DownloadError, match="401") as err:
         fetch.fetch(tmp_path / "b.bin", [Source(f"http://alice:wrong@{host}/auth/ds/file.bin")], sha256=sha(body))
     assert "wrong" not in str(err.value)  # the password is never in the message

@@ -189,13 +189,27 @@ def test_a_stop_during_a_store_write_takes_effect_after_it_and_a_second_one_at_o
         assert interrupts.note(signum) is False and interrupts.note(signum) is True  # pressed twice: a hung store
 
 
+def test_a_signal_the_process_was_started_to_ignore_stays_ignored():
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with train.sigterm_as_interrupt(tracking.Interrupts()):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
 def test_ctrl_c_and_a_closed_terminal_stop_training_as_sigterm_does(signum):
+    before = signal.getsignal(signum)
+    if before is signal.SIG_IGN:
+        pytest.skip("this test process was started to ignore it (nohup)")
     interrupts = tracking.Interrupts()
     with pytest.raises(KeyboardInterrupt), train.sigterm_as_interrupt(interrupts):
         os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler raises here, at the next bytecode
-    assert interrupts.signal == signum and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    assert interrupts.signal == signum and signal.getsignal(signum) == before
     name = train.interrupted_message(train.Interrupted(None, 0, signum))
     assert name.startswith("interrupted (Ctrl-C)" if signum == signal.SIGINT else "interrupted (SIGHUP)")
 
@@ -212,16 +226,33 @@ def test_a_run_is_resumed_only_with_the_settings_seed_and_data_it_started_with(m
     for key, value in tracking.flatten(config.result_config(started)).items():
         client.log_param(run_id, key, value)
     client.set_terminated(run_id, "KILLED")
-    differ = r"the run started with other settings: optimizer.learning_rate=0.002 \(now 0.001\), seed=7 \(now 42\)"
+    differ = r"started with other settings: optimizer.learning_rate=0.002 \(now 0.001\), seed=7 \(now 42\)"
     with pytest.raises(config.ConfigError, match=differ):
         train.run(make_cfg(*overrides, f"trainer.resume_run_id={run_id}"))
     client.set_tag(run_id, "data_digest", "0" * 64)
-    with pytest.raises(config.ConfigError, match="the prepared data changed since the run started"):
+    with pytest.raises(config.ConfigError, match="trained on other prepared data"):
         train.run(make_cfg(*overrides, "optimizer.learning_rate=0.002", "seed=7", f"trainer.resume_run_id={run_id}"))
     assert client.get_run(run_id).info.status == "KILLED"
+    client.set_tag(run_id, "config_hash", config.fingerprint(config.validate(make_cfg(*overrides))))
+    done = train.run(make_cfg(*overrides, "trainer.resume=true"))  # found, on other data: a new run, not an error
+    assert done["run_id"] != run_id and client.get_run(run_id).info.status == "KILLED"
+    older = client.create_run(experiment, tags={"config_hash": "from an older rnnlab"}).info.run_id
+    same = config.validate(make_cfg(*overrides))
+    for key, value in tracking.flatten(config.result_config(same)).items():
+        if key != "trainer.steps_per_execution":  # a key newer than the run: it ran with the default
+            client.log_param(older, key, value)
+    with pytest.raises(train.TrainingError, match=rf"run {older} \(RUNNING\) has no complete checkpoint"):
+        train.run(make_cfg(*overrides, f"trainer.resume_run_id={older}"))  # past the settings check
 
 
 def test_a_resumed_run_keeps_the_tags_it_started_with_and_records_what_changed():
     first = {"git_commit": "aaa", "git_dirty": "False", "seed": "7"}
     now = {"git_commit": "bbb", "git_dirty": False, "seed": 7, "kernels": "fused"}
     assert tracking.resumed_tags(first, now) == {"kernels": "fused", "resumed.git_commit": "bbb"}
+
+
+def test_a_run_the_store_failed_to_mark_is_not_said_to_be_killed(monkeypatch):
+    monkeypatch.setattr(train, "resume_command", lambda run_id: f"resume {run_id}")
+    said = train.interrupted_message(train.Interrupted("abc", 2, signal.SIGINT, unmarked=True))
+    assert said.startswith("interrupted (Ctrl-C): run abc could not be marked KILLED") and "is KILLED" not in said
+    assert "run abc is KILLED" in train.interrupted_message(train.Interrupted("abc", 2, signal.SIGTERM))

@@ -225,3 +225,6 @@ def test_an_untracked_code_file_makes_the_checkout_dirty_and_an_untracked_output
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "mgu2.yaml").write_text("cell: mgu2\n")  # a new model config the commit does not hold
     assert tracking.git_state(tmp_path)[1] is True
+    (tmp_path / "conf" / "mgu2.yaml").unlink()
+    (tmp_path / "my cell.py").write_text("x = 2\n")  # a name git quotes
+    assert tracking.git_state(tmp_path)[1] is True

@@ -8,7 +8,6 @@ would become part of the output, and a corrupt download is no one's work: the so
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import logging
@@ -22,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -133,24 +133,28 @@ def mirror_source(mirror: str | None, dataset: str, filename: str) -> Source | N
     return Source(str(root / dataset / filename))
 
 
-def _request(url: str) -> urllib.request.Request:
-    """A GET of ``url``; a mirror's ``user:password@`` goes into HTTP basic authentication (urllib would take it
-    for part of the host name)."""
+def _open_url(url: str, timeout: float) -> Any:
+    """GET ``url``. A mirror's ``user:password@`` (which urllib would take for part of the host name) becomes HTTP
+    basic authentication for that host only: a redirect elsewhere (a CDN, a signed storage URL) does not get it."""
     parts = urllib.parse.urlsplit(url)
-    headers = {"User-Agent": "rnnlab"}
-    if parts.username is not None:
-        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
-        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return urllib.request.Request(url, headers=headers)
+    if parts.username is None:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=AGENT), timeout=timeout)
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    logins = urllib.request.HTTPPasswordMgrWithPriorAuth()
+    user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+    logins.add_password(None, bare, user, password, is_authenticated=True)  # sent with the first request
+    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(logins))
+    return opener.open(urllib.request.Request(bare, headers=AGENT), timeout=timeout)
+
+
+AGENT = {"User-Agent": "rnnlab"}
 
 
 @contextlib.contextmanager
 def _open_source(source: Source, timeout: float) -> Iterator[tuple[object, int | None]]:
     """A readable binary stream and its size (None when unknown)."""
     if source.is_url:
-        request = _request(source.location)
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _open_url(source.location, timeout) as response:
             length = response.headers.get("Content-Length")
             yield response, int(length) if length else None
     else:

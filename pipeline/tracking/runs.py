@@ -71,6 +71,7 @@ class Interrupts:
     def __init__(self) -> None:
         self.requested = False
         self.signal: int | None = None
+        self.unmarked = False  # the store failed to mark the stopped run KILLED (it still shows RUNNING)
         self._writing = 0  # store writes under way (nested)
         self._deferred = False  # an interrupt came during one: raise it when the write is done
 
@@ -125,7 +126,9 @@ def git_state(root: str | Path) -> tuple[str, bool]:
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
-    changed = [line for line in status.splitlines() if not line.startswith("??") or line.endswith(CODE_SUFFIXES)]
+    changed = [
+        line for line in status.splitlines() if not line.startswith("??") or line.strip('"').endswith(CODE_SUFFIXES)
+    ]
     return commit, bool(changed)
 
 
@@ -592,10 +595,15 @@ def start_run(
         _end_run("FINISHED")
         raise
     except BaseException as err:
-        killed = isinstance(err, KeyboardInterrupt) or interrupts.requested
-        if not killed:
-            tracker.fail(err)
-        _end_run("KILLED" if killed else "FAILED")
+        killed, marked = isinstance(err, KeyboardInterrupt) or interrupts.requested, False
+        try:
+            with interrupts.writing():  # a stop now waits for the run's end to be written
+                if not killed:
+                    tracker.fail(err)
+                marked = _end_run("KILLED" if killed else "FAILED")
+        except KeyboardInterrupt:  # a second stop cut it short: the run may still show RUNNING
+            pass
+        interrupts.unmarked = not marked
         raise
     _end_run("FINISHED")
 
@@ -629,12 +637,15 @@ def _sweep_name(client: MlflowClient, parent: str) -> str:
     return client.get_run(parent).data.tags.get("sweep", "")
 
 
-def _end_run(status: str) -> None:
-    """End the active run; if the store is unreachable, warn instead of hiding the error that ended training."""
+def _end_run(status: str) -> bool:
+    """End the active run; if the store is unreachable, warn instead of hiding the error that ended training.
+    Whether the run is marked."""
     try:
         mlflow.end_run(status=status)
     except Exception as err:  # mlflow has already dropped the run locally: the next run starts clean
         log.warning("could not mark the MLflow run %s: %s", status, _short(err))
+        return False
+    return True
 
 
 SWEEP_ENV = "RNNLAB_SWEEP_PARENT_RUN_ID"

@@ -270,7 +270,7 @@ class SweepFailed(SystemExit):
 class SweepCallback(Callback):
     """Hydra callback: a multirun becomes one MLflow parent run, named after the sweep with the overrides as
     params; each job's run is its child (see ``start_run``). The parent ends FINISHED when every child did,
-    FAILED (and the command exits 1) otherwise. Hydra's saved configs are rewritten without credentials."""
+    FAILED (and the command exits 1) otherwise. (``redaction.RedactCallback`` masks what Hydra saves.)"""
 
     def __init__(self) -> None:
         self.parent: str | None = None
