@@ -32,6 +32,8 @@ TEST = "paired t-test over matching seeds (Welch's t-test when fewer match), Hol
 # Params that identify the cell (shown by its name) or never differ in a way worth a column.
 NOT_VARYING = ("params.seed", "params.model.cell", "params.model.bidirectional")
 NOT_IN_LABEL = ("params.model.param_budget",)  # a column of its own; the units it chose name the row
+# Versions of what a run ran on, shown (8 characters) where runs otherwise alike differ in them: code and data.
+VERSIONS = {"tags.cell_code": "cell_code", "tags.data_digest": "data"}
 
 
 def interval(values: Any) -> dict[str, float]:
@@ -80,25 +82,34 @@ def per_run(runs: pd.DataFrame, curves: pd.DataFrame, objective: Objective) -> p
     table["best_val"] = table["run_id"].map(objective.best_val(curves))
     table["s_per_epoch"] = table["run_id"].map(seconds)
     for col in runs.columns:
-        if col.startswith(("params.", "tags.anchor.", "tags.baseline.", "tags.preset", "tags.sweep", "tags.cell_code")):
+        if col.startswith(("params.", "tags.anchor.", "tags.baseline.", "tags.preset", "tags.sweep", *VERSIONS)):
             table[col] = runs[col].values
     table = table.sort_values("end_time", kind="stable")  # a repeated seed counts once: its newest run
     return table.drop_duplicates(["config_id", "seed"], keep="last").reset_index(drop=True)
 
 
 def varying_params(runs: pd.DataFrame) -> list[str]:
-    """The params that differ between configurations (the seed and the cell's own columns aside), and an own cell's
-    code version where runs of one cell ran different code (its ``cell_code`` tag)."""
+    """The params that differ between configurations (the seed and the cell's own columns aside)."""
     configs = runs.drop_duplicates("config_id")
-    code = "tags.cell_code" in configs and configs.groupby("cell")["tags.cell_code"].nunique().max() > 1
     return sorted(  # sorted: a configuration's label is the same whatever order the store returned the columns in
-        [
-            c
-            for c in runs.columns
-            if c.startswith("params.") and c not in NOT_VARYING and configs[c].astype(str).nunique() > 1
-        ]
-        + (["tags.cell_code"] if code else [])
+        c
+        for c in runs.columns
+        if c.startswith("params.") and c not in NOT_VARYING and configs[c].astype(str).nunique() > 1
     )
+
+
+def versioned(labels: pd.Series, firsts: pd.DataFrame) -> pd.Series:
+    """Labels that two configurations share, told apart by the version (``VERSIONS``) they differ in: edited own
+    cell code, rebuilt data (``SimpleRNN data=1111aaaa``)."""
+    out = labels.copy()
+    for _, same in firsts.groupby(labels, sort=False):
+        for column, short in VERSIONS.items():
+            if len(same) < 2 or column not in same or same[column].astype(str).nunique() < 2:
+                continue
+            for i, value in same[column].items():
+                if not pd.isna(value):
+                    out[i] = f"{out[i]}{', ' if ' ' in out[i] else ' '}{short}={str(value)[:8]}"
+    return out
 
 
 def cell_names(runs: pd.DataFrame) -> dict[Any, str]:
@@ -123,7 +134,7 @@ def label(row: pd.Series, varying: list[str], shown: dict[Any, str] | None = Non
     cell = (shown or {}).get(row["cell"]) or cells.display(row["cell"])
     pieces: list[str] = []
     names: set[str] = set()
-    for c in (c for c in varying if c not in NOT_IN_LABEL and not (c == "tags.cell_code" and pd.isna(row[c]))):
+    for c in (c for c in varying if c not in NOT_IN_LABEL):
         short = c.split(".")[-1]
         piece = f"{short if short not in names else c.removeprefix('params.')}={row[c]}"
         if f"{short}={row[c]}" not in pieces:
@@ -157,6 +168,8 @@ def aggregate(runs: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    firsts = runs.groupby("config_id", sort=False).last().reindex(table["config_id"]).reset_index(drop=True)
+    table["label"] = versioned(table["label"], firsts)
     table = table.sort_values("val_mean", ascending=not objective.higher, kind="stable", na_position="last")
     # The best is one a test can be made against: a stray run of one seed, lucky on validation, is ranked after.
     table = table.sort_values("n", key=lambda n: n < MIN_SEEDS, kind="stable")
@@ -172,8 +185,8 @@ def compare_pair(runs: pd.DataFrame, config_id: str, best_id: str) -> tuple[floa
     matching seeds when at least ``MIN_SEEDS`` match, else Welch's t-test; the mean difference (this minus the best)
     with its 95% interval, so a reader sees how large a difference the seeds rule out. NaNs when either side has
     fewer than ``MIN_SEEDS`` seeds."""
-    a = runs[runs["config_id"] == config_id].set_index("seed")["test"]
-    b = runs[runs["config_id"] == best_id].set_index("seed")["test"]
+    a = runs[runs["config_id"] == config_id].set_index("seed")["test"].dropna()  # a seed without a test metric:
+    b = runs[runs["config_id"] == best_id].set_index("seed")["test"].dropna()  # the pairs of the others
     common = a.index.intersection(b.index)
     if len(common) >= MIN_SEEDS:
         diff = a[common] - b[common]
@@ -204,14 +217,13 @@ def judge(runs: pd.DataFrame, table: pd.DataFrame, objective: Objective) -> pd.D
         corrected = multipletests([raw[i] for i in valid], alpha=ALPHA, method="holm")[1]
         for i, p in zip(valid, corrected, strict=True):
             adjusted[i] = float(p)
-    best_mean = table["test_mean"].iloc[0]
     verdicts = ["best"]
-    for p, row in zip(adjusted, table.iloc[1:].itertuples(), strict=True):
+    for p, (_, _, (difference, _, _)) in zip(adjusted, tested, strict=True):
         if math.isnan(p):
             verdicts.append(f"needs >= {MIN_SEEDS} seeds")
         elif p >= ALPHA:
             verdicts.append(f"not distinguishable from best ({p_text(p)})")
-        elif objective.better(row.test_mean, best_mean):
+        elif objective.better(difference, 0.0):  # the direction of the difference tested (paired: over its seeds)
             verdicts.append(f"better on test ({p_text(p)})")
         else:
             verdicts.append(f"worse ({p_text(p)})")
@@ -237,12 +249,11 @@ def headline(name: str, table: pd.DataFrame, objective: Objective) -> str:
     if table["n"].iloc[0] < MIN_SEEDS:
         best = describe(table.iloc[0], digits)
         return f"{lead}: best on validation {best}; run at least {MIN_SEEDS} seeds to compare."
-    best_mean = table["test_mean"].iloc[0]
     tied = [describe(r, digits) for _, r in table.iloc[1:].iterrows() if r["verdict"].startswith("not distinguish")]
     best = describe(table.iloc[0], digits)
     parts = [f"{join([best, *tied])} are not distinguishable" if tied else f"{best} is best (chosen on validation)"]
     for _, r in table.iloc[1:].iterrows():
-        gap = abs(r["test_mean"] - best_mean)
+        gap = abs(r["diff_mean"])  # the difference the test was made on
         if r["verdict"].startswith(("worse", "better")):
             word = "worse" if r["verdict"].startswith("worse") else "better on test"
             parts.append(f"{r['label']} is {word} by {gap:.{digits}f} ({p_text(r['p'])})")
@@ -349,8 +360,9 @@ def cell_ranks(tables: dict[str, pd.DataFrame], objectives: dict[str, Objective]
 
 BOOTSTRAP_RESAMPLES = 2000  # resamples of the trials for the band
 TUNING = (
-    "expected best validation metric of n random-search trials (Dodge et al. 2019, 'Show Your Work'), from each "
-    "cell's trials; band: 95% percentile bootstrap over the trials"
+    "expected best validation metric of n trials (Dodge et al. 2019, 'Show Your Work'), from each cell's trials, "
+    "which the estimate takes for independent draws: exact for the random sampler, an approximation for TPE (its "
+    "later trials depend on the earlier ones); band: 95% percentile bootstrap over the trials"
 )
 
 
@@ -447,8 +459,8 @@ def tuning_summary(table: pd.DataFrame, objective: Objective) -> pd.DataFrame:
     rows = []
     for study, group in table.groupby("study", sort=True):
         curve = expected_best(trial_values(group, objective), objective.higher)
-        ranked = group[group["state"] != "FAILED"].dropna(subset=["best_val"])
-        ranked = ranked.sort_values("best_val", ascending=not objective.higher)
+        ranked = group[~group["state"].isin(["FAILED", "PRUNED"])].dropna(subset=["best_val"])  # as Optuna ranks them
+        ranked = ranked.sort_values(["best_val", "trial"], ascending=[not objective.higher, True], kind="stable")
         best = ranked.iloc[0] if len(ranked) else None
         searched = [c for c in group.columns if c.startswith("params.") and group[c].astype(str).nunique() > 1]
         chosen = "" if best is None else ", ".join(f"{c.split('.', 1)[1]}={_short(best[c])}" for c in searched)

@@ -83,11 +83,12 @@ def resume_mode(value: object) -> str:
 
 
 def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
-    """The sweep's command-line overrides and named sweep parameters, as ``{key: "a,b,c"}`` (redacted)."""
+    """The sweep's named sweep parameters and command-line overrides, as ``{key: "a,b,c"}`` (redacted); the command
+    line wins, as it does when Hydra's sweeper makes the jobs (``sweep=cells_toy seeds=5`` runs 5 seeds)."""
     out = {}
-    for item in list(hydra_cfg.overrides.task) + [
-        f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()
-    ]:
+    for item in [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()] + list(
+        hydra_cfg.overrides.task
+    ):
         key, _, value = str(item).partition("=")
         out[key.lstrip("+~")] = redact(value)
     return out
@@ -181,15 +182,16 @@ class TrialLink:
         self.trial = optuna.Trial(self.study, trial_id)
         self.number = int(search.trial)
 
-    def report(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Report the epoch; raise ``Pruned`` when the pruner says stop."""
+    def report(self, epoch: int, metrics: dict[str, float], last: bool = False) -> None:
+        """Report the epoch; raise ``Pruned`` when the pruner says stop (never after the ``last`` epoch: a trial
+        trained to the end is a result, its test metric to come)."""
         objective = of_metrics(metrics)
         check_direction(self.study, objective.direction)
         value = metrics.get(objective.val, float("nan"))
         if not math.isfinite(value):
             return  # a diverged epoch is the run's failure to report, not the pruner's decision
         self.trial.report(value, epoch)
-        if self.trial.should_prune():
+        if not last and self.trial.should_prune():
             raise Pruned(epoch, value)
 
 

@@ -359,8 +359,8 @@ def train_epochs(
                 f"trainer.resume_run_id={tracker.run_id}"
             ) from err
         log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
-        if trial:
-            trial.report(epoch, metrics)
+        if trial:  # the last epoch is reported too, but never pruned: the trial is trained by then
+            trial.report(epoch, metrics, last=epoch + 1 == epochs)
         best, waited = (metrics["val/loss"], 0) if metrics["val/loss"] < best else (best, waited + 1)
         if cfg.trainer.early_stopping_patience and waited >= cfg.trainer.early_stopping_patience:
             log.info("early stop: val/loss has not improved for %d epochs", waited)

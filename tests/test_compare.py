@@ -158,6 +158,16 @@ def test_two_code_versions_of_an_own_cell_are_two_labelled_rows_and_a_bi_module_
     }  # fmt: skip
 
 
+def test_runs_of_one_config_on_two_data_versions_are_labelled_by_their_data(store):
+    uri, client, exp = store
+    for seed in (1, 2, 3):
+        for config_id, digest in (("v1", "1111aaaa" * 8), ("v2", "2222bbbb" * 8)):
+            client.set_tag(add_run(client, exp, config_id, seed, 0.8, [0.8], cell="rnn"), "data_digest", digest)
+        client.set_tag(add_run(client, exp, "gru", seed, 0.7, [0.7], cell="gru"), "data_digest", "1111aaaa" * 8)
+    table = aggregate_store(uri)[1].set_index("config_id")
+    assert table["label"].to_dict() == {"v1": "SimpleRNN data=1111aaaa", "v2": "SimpleRNN data=2222bbbb", "gru": "GRU"}
+
+
 def test_an_anchor_row_of_one_config_is_comparable_when_one_of_its_runs_is_the_plain_preset():
     runs = pd.DataFrame(
         {
@@ -195,6 +205,21 @@ def test_a_stray_run_of_one_seed_best_on_validation_does_not_become_the_best(sto
     assert table["verdict"].iloc[1].startswith("worse (p = ") and table["verdict"].iloc[2] == "needs >= 3 seeds"
     difference = report.shown(table, ACC)["difference [95% CI]"].tolist()
     assert difference[0] == "" and difference[1].startswith("-0.1") and difference[2] == "–"  # no test: no numbers
+
+
+def test_the_verdict_follows_the_paired_difference_and_a_seed_without_a_test_metric_drops_out():
+    runs = pd.DataFrame(
+        {
+            "config_id": ["best"] * 3 + ["more"] * 5 + ["nan"] * 4,
+            "seed": [1, 2, 3, 1, 2, 3, 4, 5, 1, 2, 3, 4],
+            "test": [0.80, 0.81, 0.82, 0.811, 0.822, 0.830, 0.60, 0.61, 0.70, 0.71, math.nan, 0.69],
+        }
+    )
+    p, how, (diff, low, high) = compare.compare_pair(runs, "more", "best")  # seeds 4, 5 have no partner
+    assert how == "paired" and diff == pytest.approx(0.011) and low > 0  # better on the seeds both ran
+    table = pd.DataFrame({"config_id": ["best", "more", "nan"], "test_mean": [0.81, 0.735, 0.70]})
+    verdicts = compare.judge(runs, table, ACC)["verdict"].tolist()
+    assert verdicts[1].startswith("better on test (p") and verdicts[2].startswith("worse (p")
 
 
 def test_seeds_that_do_not_match_compare_by_welch_with_its_interval():
@@ -382,6 +407,7 @@ def test_a_regression_headline_keeps_the_digits_that_tell_solved_runs_apart():
             "n": [5, 5, 5],
             "verdict": ["best", "worse (p = 0.009)", "worse (p < 0.001)"],
             "p": [math.nan, 0.009, 0.0001],
+            "diff_mean": [0.0, 0.00218, 0.16186],  # the tested differences (paired: here the means' too)
         }
     )
     line = compare.headline("adding", table, objective.MSE)

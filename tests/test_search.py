@@ -5,13 +5,14 @@ import math
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from scipy import stats
 
-from pipeline import compare, prepare, sweep, train
+from pipeline import compare, objective, prepare, sweep, train
 
 SMALL_DATA = ("data.n_train=128", "data.n_val=32", "data.n_test=64")
 
@@ -158,6 +159,13 @@ def test_a_trial_clearly_worse_than_the_median_is_pruned_and_marked_pruned_not_f
     assert not (tmp_path / "checkpoints" / result["run_id"]).exists()
 
 
+def test_a_trial_at_its_last_epoch_is_never_pruned(search_job, tmp_path):
+    result, study, number = search_job("optimizer.learning_rate=1e-9", "trainer.epochs=2")  # below it at epoch 2
+    assert not result.get("pruned") and len(result["history"]) == 2
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["run_id"])
+    assert run.data.tags["trial_state"] == "COMPLETE" and "test/accuracy" in run.data.metrics
+
+
 def test_without_a_pruner_the_same_trial_runs_every_epoch(search_job, tmp_path):
     result, study, number = search_job("optimizer.learning_rate=1e-9", "search.pruner=none")
     assert not result.get("pruned") and len(result["history"]) == 5
@@ -191,3 +199,18 @@ def test_the_expected_best_matches_simulated_draws_and_its_band_covers_it():
     assert curve["low"].iloc[0] == pytest.approx(t_low, abs=0.01) and curve["high"].iloc[0] == pytest.approx(
         t_high, abs=0.01
     )
+
+
+def test_the_best_trial_is_optunas_a_complete_one_and_the_first_of_a_tie():
+    table = pd.DataFrame(
+        {
+            "study": ["s"] * 4,
+            "cell": ["gru"] * 4,
+            "trial": [0, 1, 2, 3],
+            "state": ["COMPLETE", "PRUNED", "COMPLETE", "FAILED"],
+            "best_val": [0.565, 0.85, 0.565, 0.99],  # a pruned trial's partial best is not a result
+            "params.optimizer.learning_rate": ["0.1", "0.2", "0.3", "0.4"],
+        }
+    )
+    row = compare.tuning_summary(table, objective.ACCURACY).iloc[0]
+    assert (row["best_trial"], row["best_val"], row["pruned"], row["failed"]) == (0, 0.565, 1, 1)

@@ -739,3 +739,12 @@ def test_a_sweep_killed_9_before_and_after_a_checkpoint_then_rerun_leaves_no_run
     else:
         done = sorted(int(c.data.tags["trial"]) for c in children if c.info.status == "FINISHED")
         assert done == [0, 1, 2, 3]
+
+
+def test_the_command_line_wins_over_a_named_sweeps_parameters_in_its_record_and_key():
+    plain = compose_config(["sweep=cells_toy"], hydra=True).hydra
+    more = OmegaConf.merge(plain, {"overrides": {"task": [*plain.overrides.task, "seed=1,2,3,4,5", "model=rnn,gru"]}})
+    assert sweep.sweep_overrides(plain)["seed"] == "1,2,3"
+    recorded = sweep.sweep_overrides(more)  # what Hydra's sweeper makes the jobs of: the command line wins
+    assert (recorded["seed"], recorded["model"]) == ("1,2,3,4,5", "rnn,gru")
+    assert sweep.sweep_key(recorded) != sweep.sweep_key(sweep.sweep_overrides(plain))  # another sweep
