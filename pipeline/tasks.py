@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -107,6 +108,9 @@ class Task:
     def __init__(self, cfg: DictConfig, dataset: Dataset, build: bool = True):
         self.cfg = cfg
         self.dataset = dataset
+        # Around each call into the compiled step: a stop (Ctrl-C, SIGTERM) waits for the call to return, never
+        # cutting TensorFlow's own Python machinery in half (train.run sets the run's Interrupts.held).
+        self.hold: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.batch_size = cfg.trainer.batch_size
         self.precision = models.resolve_precision(cfg.trainer.precision, dataset.meta["kind"])
         # The fused kernels are the language model's: on MNIST (batch 128, 128 units, 28 steps) they measured 40%
@@ -205,7 +209,8 @@ class Task:
                 dataset = dataset.prefetch(2).with_options(NO_AUTOTUNE)
                 iterator = iter(model.distribute_strategy.experimental_distribute_dataset(dataset))
                 while done < end:
-                    logs = step(iterator)
+                    with self.hold():
+                        logs = step(iterator)
                     first, done = done + 1, min(done + model.steps_per_execution, end)
                     loss = float(logs["loss"])
                     if training:

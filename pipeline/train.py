@@ -292,6 +292,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         tasks.setup_runtime(cfg)
         task = tasks.make(cfg, dataset)
+        task.hold = interrupts.held
         trial = None if cfg.search.trial is None else sweep.TrialLink(cfg.search, cfg.tracking.uri, cfg.trainer.epochs)
         tracked = tracking.start_run(cfg, run_tags(cfg, task, start, trial), resume_run_id, interrupts, client)
         with sigterm_as_interrupt(interrupts), tracked as tracker:

@@ -180,12 +180,12 @@ def test_nan_loss_in_a_real_process_fails_the_run_with_a_message(make_cfg, tmp_p
 def test_a_stop_during_a_store_write_takes_effect_after_it_and_a_second_one_at_once(signum):
     interrupts = tracking.Interrupts()
     written = []
-    with pytest.raises(KeyboardInterrupt, match="stopped during a store write"), interrupts.writing():
+    with pytest.raises(KeyboardInterrupt, match="stopped after a span it waited for"), interrupts.held():
         assert interrupts.note(signum) is False  # not now: the write would be cut in half
         written.append("metrics")
     assert written == ["metrics"] and interrupts.requested and interrupts.signal == signum
     assert interrupts.note(signum) is True  # outside a write: at once
-    with pytest.raises(KeyboardInterrupt), interrupts.writing():
+    with pytest.raises(KeyboardInterrupt), interrupts.held():
         assert interrupts.note(signum) is False and interrupts.note(signum) is True  # pressed twice: a hung store
 
 

@@ -1,6 +1,7 @@
 """The tasks: the fast training path computes what Keras' fit/evaluate compute and names the batch a NaN came from;
 the language model's TBPTT windows on a hand-checked stream, its perplexity, samples and logged vocabulary."""
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -183,3 +184,23 @@ def test_a_tensorflow_warning_is_printed_once_through_the_root_handler(capsys):
         tf_logger.removeHandler(own)
     assert capsys.readouterr().err.splitlines().count("ROOT triggered tf.function retracing") == 1
     assert own not in tf_logger.handlers
+
+
+def test_a_stop_during_a_call_into_the_compiled_step_waits_for_the_call_to_return(toy_task):
+    from pipeline import tracking
+
+    task, interrupts, calls = toy_task("trainer.steps_per_execution=2"), tracking.Interrupts(), []
+
+    @contextlib.contextmanager
+    def held():
+        with interrupts.held():
+            calls.append(len(calls))
+            if len(calls) == 2:
+                assert interrupts.note(15) is False  # SIGTERM in the second call: held
+            yield
+
+    task.hold = held
+    x, y = task.train_arrays(0)
+    with pytest.raises(KeyboardInterrupt, match="stopped after a span"):
+        task.run_batches(True, x, y)
+    assert calls == [0, 1]  # the second call returned, then the stop: no third call

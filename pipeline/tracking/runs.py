@@ -64,19 +64,20 @@ class Interrupts:
     """Whether the process was told to stop (Ctrl-C, SIGTERM, SIGHUP), shared by the signal handler and the run it
     stops.
 
-    A stop in the middle of a store write is held until the write is done: an exception that cut the write in half
-    could leave the store's session unable to mark the run KILLED. A second one during the same write stops at once
-    (a store that hangs must not make the process unstoppable)."""
+    A stop in the middle of a store write or of a call into TensorFlow's compiled step is held until it is done: an
+    exception that cut a write in half could leave the store's session unable to mark the run KILLED, and one raised
+    inside TensorFlow's Python machinery could leave its native state torn (a crash at exit). A second stop during
+    the same span stops at once (a store or a call that hangs must not make the process unstoppable)."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signal: int | None = None
         self.unmarked = False  # the store failed to mark the stopped run KILLED (it still shows RUNNING)
-        self._writing = 0  # store writes under way (nested)
-        self._deferred = False  # an interrupt came during one: raise it when the write is done
+        self._writing = 0  # held spans under way (nested): store writes, calls into TensorFlow
+        self._deferred = False  # an interrupt came during one: raise it when the span is done
 
     def note(self, signum: int | None = None) -> bool:
-        """Record the request; return whether to interrupt now (not in the middle of a store write)."""
+        """Record the request; return whether to interrupt now (not in the middle of a held span)."""
         self.requested, self.signal = True, signum
         if self._writing and not self._deferred:
             self._deferred = True
@@ -84,8 +85,9 @@ class Interrupts:
         return True
 
     @contextmanager
-    def writing(self) -> Iterator[None]:
-        """A store write: an interrupt noted during it is raised once it is done."""
+    def held(self) -> Iterator[None]:
+        """A span a stop waits for (a store write, a call into TensorFlow): an interrupt noted during it is raised
+        once it is done."""
         self._writing += 1
         try:
             yield
@@ -93,7 +95,7 @@ class Interrupts:
             self._writing -= 1
             if not self._writing and self._deferred:
                 self._deferred = False
-                raise KeyboardInterrupt("stopped during a store write")
+                raise KeyboardInterrupt("stopped after a span it waited for")
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -360,7 +362,7 @@ class Tracker:
     @contextmanager
     def _write(self, what: str) -> Iterator[None]:
         """A store write: held from a SIGTERM until done; a store that went away becomes one clear error."""
-        with self.interrupts.writing():
+        with self.interrupts.held():
             try:
                 yield
             except (KeyboardInterrupt, TrackingError):
@@ -597,7 +599,7 @@ def start_run(
     except BaseException as err:
         killed, marked = isinstance(err, KeyboardInterrupt) or interrupts.requested, False
         try:
-            with interrupts.writing():  # a stop now waits for the run's end to be written
+            with interrupts.held():  # a stop now waits for the run's end to be written
                 if not killed:
                     tracker.fail(err)
                 marked = _end_run("KILLED" if killed else "FAILED")
