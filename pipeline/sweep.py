@@ -231,11 +231,13 @@ def _distribution(override):
 
 def search_space(lines: list[str]) -> tuple[dict, list[list[str]], list[str]]:
     """Split sweep parameters into the search space (``{key: distribution}``), the grid (``a,b,c`` lists: every
-    value gets the same number of trials) and fixed overrides."""
+    value gets the same number of trials) and fixed overrides. A key given twice takes its last value: the command
+    line's over the preset's parameters (``sweep=tune_cells_toy model=gru`` searches the GRU alone)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    last = {line.split("=", 1)[0].lstrip("+~"): line for line in lines}
     space, grid, fixed = {}, [], []
-    for override in OverridesParser.create().parse_overrides(lines):
+    for override in OverridesParser.create().parse_overrides(list(last.values())):
         key = override.get_key_element()
         if not override.is_sweep_override():
             fixed.append(override.input_line)

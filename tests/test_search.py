@@ -45,6 +45,13 @@ def test_two_grid_lists_cross():
     assert len(grid) == 4 and ["model=gru", "optimizer=sgd"] in grid
 
 
+def test_the_command_line_wins_over_a_search_presets_grid():
+    space, grid, fixed = sweep.search_space(
+        ["model=rnn,lstm,gru", "optimizer.learning_rate=interval(0.001, 0.1)", "model=gru"]
+    )
+    assert grid == [[]] and fixed == ["model=gru"] and list(space) == ["optimizer.learning_rate"]
+
+
 def test_the_sweep_key_ignores_how_a_sweep_runs_but_not_what_it_runs():
     base = {"model": "rnn,gru", "seed": "1,2", "paths.root": "/x"}
     same = {**base, "sweep.resume": "true", "trainer.verbose": "0", "trainer.intra_op_threads": "1"}
