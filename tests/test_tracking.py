@@ -228,3 +228,29 @@ def test_an_untracked_code_file_makes_the_checkout_dirty_and_an_untracked_output
     (tmp_path / "conf" / "mgu2.yaml").unlink()
     (tmp_path / "my cell.py").write_text("x = 2\n")  # a name git quotes
     assert tracking.git_state(tmp_path)[1] is True
+
+
+def test_a_store_a_killed_process_left_mid_write_is_rolled_back_not_refused(tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table a(x)")
+        conn.executemany("insert into a values (?)", [("y" * 500,) for _ in range(500)])
+    dies_mid_write = f"""
+import os, signal, sqlite3
+conn = sqlite3.connect({str(db)!r}, isolation_level=None)
+conn.execute("pragma cache_size=1")  # pages spill to the file before the commit
+conn.execute("begin")
+conn.execute("update a set x = ?", ("z" * 500,))
+conn.executemany("insert into a values (?)", [("x" * 500,) for _ in range(2000)])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    subprocess.run([sys.executable, "-c", dies_mid_write], check=False)
+    assert (tmp_path / "mlflow.db-journal").exists()  # a hot journal: a read-only open cannot roll it back
+    tracking.check_store(f"sqlite:///{db}", 5)  # no error: the write open rolls it back
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*), max(x) from a").fetchone() == (500, "y" * 500)
+    assert not (tmp_path / "mlflow.db-journal").exists()

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -241,14 +241,31 @@ def _sqlite_problem(path: str) -> str | None:
     if header and header != b"SQLite format 3\x00":
         return "the file is not an SQLite database: move it away (MLflow creates a new store), or fix tracking.uri"
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            conn.execute("select count(*) from sqlite_master").fetchone()
+        _read_schema(f"file:{db}?mode=ro")
     except sqlite3.OperationalError as err:
         if "locked" in str(err):  # another process is writing to it: busy, not broken
             return None
+        if "readonly" in str(err):  # a hot journal: a process killed mid-write; SQLite rolls it back on a write open
+            return _sqlite_problem_after_rollback(db)
         return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
     except sqlite3.Error as err:
         return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
+    return None
+
+
+def _read_schema(uri: str) -> None:
+    with closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
+        conn.execute("select count(*) from sqlite_master").fetchone()
+
+
+def _sqlite_problem_after_rollback(db: Path) -> str | None:
+    """The store after SQLite rolled back the write a killed process left half done (its ``-journal``): the next
+    read-write open does it, as MLflow's own would."""
+    try:
+        _read_schema(f"file:{db}?mode=rw")
+    except sqlite3.Error as err:
+        return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
+    log.info("the tracking store %s had a write left half done (a killed process): SQLite rolled it back", db)
     return None
 
 
