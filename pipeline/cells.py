@@ -189,7 +189,10 @@ def display(name: Any, bidirectional: bool | None = None) -> str:
     named bio_cells) from ``o_cells:Cell`` both ways when the module does not import here."""
     text = str(name or "") or "?"
     if is_path(text):
-        bidirectional, path = own_path(text) if bidirectional is None else (bidirectional, text[2 * bidirectional :])
+        if bidirectional is None:
+            bidirectional, path = own_path(text)
+        else:
+            path = text.removeprefix("bi") if bidirectional else text
         return ("Bi" if bidirectional else "") + _path_display(path)
     known = names()
     if text in known:

@@ -300,10 +300,9 @@ def anchors(runs: pd.DataFrame) -> pd.DataFrame:
         column = "test" if metric.startswith("test/") else "best_val"
         ours, published = interval(group[column]), float(first["tags.anchor.value"])
         said = group.get("tags.preset_changes", pd.Series([""] * len(group))).fillna("")
-        changes = (
-            [] if (said == "").any() else str(said.iloc[-1]).split()
-        )  # one config: an override that changed nothing
-        if changes and not only_budget(changes):
+        changes = [] if (said == "").any() else str(said.iloc[-1]).split()  # a plain run too: nothing changed
+        budget = bool(changes) and only_budget(changes)
+        if changes and not budget:
             verdict = "not comparable: the preset with " + " ".join(changes)
         elif ours["n"] < MIN_SEEDS:
             verdict = f"needs >= {MIN_SEEDS} seeds"
@@ -311,7 +310,7 @@ def anchors(runs: pd.DataFrame) -> pd.DataFrame:
             verdict = "reproduced"
         else:
             verdict = "better" if (ours["mean"] > published) == higher else "worse"
-        if changes and only_budget(changes):
+        if budget:
             verdict += f" (at {' '.join(changes)})"
         rows.append(
             {

@@ -85,13 +85,14 @@ def resume_mode(value: object) -> str:
 def sweep_overrides(hydra_cfg: DictConfig) -> dict[str, str]:
     """The sweep's named sweep parameters and command-line overrides, as ``{key: "a,b,c"}`` (redacted); the command
     line wins, as it does when Hydra's sweeper makes the jobs (``sweep=cells_toy seeds=5`` runs 5 seeds)."""
-    out = {}
-    for item in [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()] + list(
-        hydra_cfg.overrides.task
-    ):
-        key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = redact(value)
-    return out
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    return {key: redact(line.partition("=")[2]) for key, line in by_key([*params, *hydra_cfg.overrides.task]).items()}
+
+
+def by_key(lines: list[str]) -> dict[str, str]:
+    """Override lines by their key (``+``/``~`` aside), the last line of a key winning: the command line, given
+    after a sweep's own parameters, over them."""
+    return {str(line).split("=", 1)[0].lstrip("+~"): str(line) for line in lines}
 
 
 def sweep_key(overrides: dict[str, str]) -> str:
@@ -180,18 +181,18 @@ class TrialLink:
         study_id = self.storage.get_study_id_from_name(search.study)
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, search.trial)
         self.trial = optuna.Trial(self.study, trial_id)
-        self.number = int(search.trial)
+        self.number, self.epochs = int(search.trial), epochs
 
-    def report(self, epoch: int, metrics: dict[str, float], last: bool = False) -> None:
-        """Report the epoch; raise ``Pruned`` when the pruner says stop (never after the ``last`` epoch: a trial
-        trained to the end is a result, its test metric to come)."""
+    def report(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Report the epoch; raise ``Pruned`` when the pruner says stop (never after the last epoch: a trial trained
+        to the end is a result, its test metric to come)."""
         objective = of_metrics(metrics)
         check_direction(self.study, objective.direction)
         value = metrics.get(objective.val, float("nan"))
         if not math.isfinite(value):
             return  # a diverged epoch is the run's failure to report, not the pruner's decision
         self.trial.report(value, epoch)
-        if not last and self.trial.should_prune():
+        if epoch + 1 < self.epochs and self.trial.should_prune():
             raise Pruned(epoch, value)
 
 
@@ -235,9 +236,8 @@ def search_space(lines: list[str]) -> tuple[dict, list[list[str]], list[str]]:
     line's over the preset's parameters (``sweep=tune_cells_toy model=gru`` searches the GRU alone)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    last = {line.split("=", 1)[0].lstrip("+~"): line for line in lines}
     space, grid, fixed = {}, [], []
-    for override in OverridesParser.create().parse_overrides(list(last.values())):
+    for override in OverridesParser.create().parse_overrides(list(by_key(lines).values())):
         key = override.get_key_element()
         if not override.is_sweep_override():
             fixed.append(override.input_line)

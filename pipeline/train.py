@@ -62,8 +62,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a sched
 
 @contextmanager
 def sigterm_as_interrupt(interrupts: tracking.Interrupts):
-    """Ctrl-C, SIGTERM and SIGHUP end training alike: the run is marked KILLED, the checkpoint kept. Each is held
-    while a store write is under way (``tracking.Interrupts``): cut in half, it could leave the run RUNNING."""
+    """Ctrl-C, SIGTERM and SIGHUP end training alike: the run is marked KILLED, the checkpoint kept. Each waits for
+    a store write or a call into the compiled step under way (``tracking.Interrupts.held``)."""
 
     def handler(signum, frame):
         if interrupts.note(signum):
@@ -360,8 +360,8 @@ def train_epochs(
                 f"trainer.resume_run_id={tracker.run_id}"
             ) from err
         log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
-        if trial:  # the last epoch is reported too, but never pruned: the trial is trained by then
-            trial.report(epoch, metrics, last=epoch + 1 == epochs)
+        if trial:
+            trial.report(epoch, metrics)
         best, waited = (metrics["val/loss"], 0) if metrics["val/loss"] < best else (best, waited + 1)
         if cfg.trainer.early_stopping_patience and waited >= cfg.trainer.early_stopping_patience:
             log.info("early stop: val/loss has not improved for %d epochs", waited)

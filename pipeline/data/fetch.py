@@ -133,6 +133,9 @@ def mirror_source(mirror: str | None, dataset: str, filename: str) -> Source | N
     return Source(str(root / dataset / filename))
 
 
+AGENT = {"User-Agent": "rnnlab"}
+
+
 def _open_url(url: str, timeout: float) -> Any:
     """GET ``url``. A mirror's ``user:password@`` (which urllib would take for part of the host name) becomes HTTP
     basic authentication for that host only: a redirect elsewhere (a CDN, a signed storage URL) does not get it."""
@@ -145,9 +148,6 @@ def _open_url(url: str, timeout: float) -> Any:
     logins.add_password(None, bare, user, password, is_authenticated=True)  # sent with the first request
     opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(logins))
     return opener.open(urllib.request.Request(bare, headers=AGENT), timeout=timeout)
-
-
-AGENT = {"User-Agent": "rnnlab"}
 
 
 @contextlib.contextmanager

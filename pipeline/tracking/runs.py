@@ -73,13 +73,13 @@ class Interrupts:
         self.requested = False
         self.signal: int | None = None
         self.unmarked = False  # the store failed to mark the stopped run KILLED (it still shows RUNNING)
-        self._writing = 0  # held spans under way (nested): store writes, calls into TensorFlow
+        self._holding = 0  # held spans under way (nested): store writes, calls into TensorFlow
         self._deferred = False  # an interrupt came during one: raise it when the span is done
 
     def note(self, signum: int | None = None) -> bool:
         """Record the request; return whether to interrupt now (not in the middle of a held span)."""
         self.requested, self.signal = True, signum
-        if self._writing and not self._deferred:
+        if self._holding and not self._deferred:
             self._deferred = True
             return False
         return True
@@ -88,12 +88,12 @@ class Interrupts:
     def held(self) -> Iterator[None]:
         """A span a stop waits for (a store write, a call into TensorFlow): an interrupt noted during it is raised
         once it is done."""
-        self._writing += 1
+        self._holding += 1
         try:
             yield
         finally:
-            self._writing -= 1
-            if not self._writing and self._deferred:
+            self._holding -= 1
+            if not self._holding and self._deferred:
                 self._deferred = False
                 raise KeyboardInterrupt("stopped after a span it waited for")
 
@@ -241,32 +241,29 @@ def _sqlite_problem(path: str) -> str | None:
     if header and header != b"SQLite format 3\x00":
         return "the file is not an SQLite database: move it away (MLflow creates a new store), or fix tracking.uri"
     try:
-        _read_schema(f"file:{db}?mode=ro")
-    except sqlite3.OperationalError as err:
+        _read_schema(db)
+    except sqlite3.Error as err:
         if "locked" in str(err):  # another process is writing to it: busy, not broken
             return None
-        if "readonly" in str(err):  # a hot journal: a process killed mid-write; SQLite rolls it back on a write open
-            return _sqlite_problem_after_rollback(db)
-        return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
-    except sqlite3.Error as err:
         return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
     return None
 
 
-def _read_schema(uri: str) -> None:
-    with closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
-        conn.execute("select count(*) from sqlite_master").fetchone()
+def _read_schema(db: Path) -> None:
+    """Read the store's schema without writing to it; but a write a killed process left half done (a hot
+    ``-journal``) only a read-write open can roll back, as MLflow's own open would."""
 
+    def read(mode: str) -> None:
+        with closing(sqlite3.connect(f"file:{db}?mode={mode}", uri=True, timeout=5)) as conn:
+            conn.execute("select count(*) from sqlite_master").fetchone()
 
-def _sqlite_problem_after_rollback(db: Path) -> str | None:
-    """The store after SQLite rolled back the write a killed process left half done (its ``-journal``): the next
-    read-write open does it, as MLflow's own would."""
     try:
-        _read_schema(f"file:{db}?mode=rw")
-    except sqlite3.Error as err:
-        return f"SQLite cannot read it ({err}): restore a backup, or move it away to start a new store"
-    log.info("the tracking store %s had a write left half done (a killed process): SQLite rolled it back", db)
-    return None
+        read("ro")
+    except sqlite3.OperationalError as err:
+        if "readonly" not in str(err):
+            raise
+        read("rw")
+        log.info("the tracking store %s had a write left half done (a killed process): SQLite rolled it back", db)
 
 
 def connect(cfg: DictConfig) -> MlflowClient:
